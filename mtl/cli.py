@@ -1,0 +1,38 @@
+"""The `mtl` command. Each area registers its own subcommands; heavy imports happen only when one runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mtl.errors import MtlError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtl.data import cli as data_cli
+    from mtl.engine import cli as engine_cli
+    from mtl.launch import cli as launch_cli
+
+    parser = argparse.ArgumentParser(prog="mtl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data_cli.register(sub)  # synth, pack, shards
+    engine_cli.register(sub)  # train, eval, demo
+    launch_cli.register(sub)  # submit, sweep
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MtlError as exc:
+        print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
