@@ -131,6 +131,8 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "mtl"
     run_name: str | None = None
+    run_id: str | None = None  # continue this existing run (set by `mtl submit`, which creates it up front)
+    parent_run_id: str | None = None  # create the run as a child of this one (sweeps)
     enabled: bool = True
 
 
