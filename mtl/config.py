@@ -339,11 +339,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 # ------------------------------------------------------------------------------------------------ merging
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -393,7 +393,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         merged = read_yaml(path)
         source = str(path)
-    merged = _deep_merge(merged, parse_overrides(overrides or []))
+    merged = deep_merge(merged, parse_overrides(overrides or []))
     try:
         return from_dict(merged)
     except ConfigError as exc:

@@ -1,0 +1,60 @@
+"""`mtl train`, `mtl eval`, `mtl demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+EXIT_PREEMPTED = 3  # a checkpoint was saved on SIGUSR2/SIGTERM: the launcher should requeue
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mtl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before any process group or model exists
+    from mtl.engine.trainer import summary_line, train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run {result.run_id}: {result.status} at step {result.step}; outputs in {result.output_dir}")
+        if result.metrics:
+            print(summary_line(result.metrics))
+    return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mtl.engine.offline_eval import run_eval
+    from mtl.engine.trainer import summary_line
+
+    scores = run_eval(args.checkpoint, args.split, args.out, args.overrides)
+    print(summary_line(scores))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mtl.engine.demo import run_demo
+
+    run_demo(args.workdir, args.overrides, videos=args.videos, frames=args.frames)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (any launcher: python, torchrun, accelerate launch, srun)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: mtl/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on one process; write predictions and ABAW files")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run dir, checkpoint tag dir or .safetensors")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: <checkpoint>/eval_<split>)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. data.shards=DIR")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="synthetic data -> pack -> train on CPU -> evaluate, with MLflow")
+    p.add_argument("--workdir", type=Path, default=Path("mtl-demo"))
+    p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: mtl synth's)")
+    p.add_argument("--frames", type=int, default=None, help="frames per synthetic video (default: mtl synth's)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/demo.yaml")
+    p.set_defaults(func=_demo)

@@ -1,0 +1,52 @@
+"""The DeepSpeed config, derived from ours, so there is one source of truth for batch, stage and precision."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from mtl.config import Config
+
+ACCELERATE_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"
+
+
+def resolve_zero_stage(cfg: Config) -> int:
+    """``accelerate launch --use_deepspeed --zero_stage N`` wins over train.zero_stage, and says so."""
+    raw = os.environ.get(ACCELERATE_STAGE_ENV)
+    if raw is None or raw == "":
+        return cfg.train.zero_stage
+    stage = int(raw)
+    if stage != cfg.train.zero_stage and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"mtl: ZeRO stage {stage} from accelerate launch ({ACCELERATE_STAGE_ENV}) overrides "
+            f"train.zero_stage={cfg.train.zero_stage}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return stage
+
+
+def resolve_precision(cfg: Config) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.train.precision
+
+
+def build_ds_config(cfg: Config, world_size: int, zero_stage: int, precision: str) -> dict[str, Any]:
+    micro = cfg.data.batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro * cfg.train.grad_accum * world_size,
+        # DeepSpeed >= 0.19.3 defaults to 1.0; set it explicitly so the config says what runs.
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # our AdamW carries the parameter groups
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

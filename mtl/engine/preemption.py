@@ -1,0 +1,36 @@
+"""Turn SLURM's preemption/time-out signal into a clean, collective checkpoint-and-stop.
+
+SLURM (``--signal=USR2@90``, submitit's default) and ``scontrol requeue``/``scancel`` (SIGTERM) signal every task.
+The handler only sets a flag: saving inside a signal handler would race the training step, and DeepSpeed's save
+is collective, so the ranks agree on the flag at the next optimizer step and save together.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    def install(self) -> StopFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,76 @@
+"""Figures a person would rather look at than read: logged to MLflow after each evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: jobs on compute nodes have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def confusion_matrix(cm: np.ndarray, names: Sequence[str]) -> Figure:
+    """Row-normalised (recall per true class), with raw counts written in the cells."""
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(im, ax=ax, label="fraction of true class")
+    ax.set_title("EXPR confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def au_f1_bars(f1: Sequence[float], names: Sequence[str], tuned: Sequence[float] | None = None) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(names))
+    width = 0.4 if tuned is not None else 0.8
+    ax.bar(x - (width / 2 if tuned is not None else 0), f1, width, label="threshold 0.5")
+    if tuned is not None:
+        ax.bar(x + width / 2, tuned, width, label="per-AU threshold")
+        ax.legend(fontsize=8)
+    ax.set_xticks(x, names, rotation=45)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(f"AU F1 (macro {np.mean(f1):.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def va_scatter(pred: np.ndarray, true: np.ndarray) -> Figure:
+    """Predicted against true valence and arousal, one panel each."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"))):
+        if len(pred):
+            ax.scatter(true[:, k], pred[:, k], s=3, alpha=0.4)
+        ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
+        ax.set_xlim(-1, 1)
+        ax.set_ylim(-1, 1)
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)
