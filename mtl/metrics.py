@@ -190,17 +190,19 @@ class ABAWMetrics:
         val, aro = self.va_ccc()
         expr = self.expr_f1_per_class()
         au = self.au_f1_per_unit()
+        tuned = self.au_f1_tuned_per_unit()
         out: dict[str, float] = {
             "va_ccc_valence": val,
             "va_ccc_arousal": aro,
             "va_ccc": (val + aro) / 2,
             "expr_f1": float(expr.mean()),
             "au_f1": float(au.mean()),
-            "au_f1_tuned": float(self.au_f1_tuned_per_unit().mean()),
+            "au_f1_tuned": float(tuned.mean()),
         }
         out["mtl_score"] = out["va_ccc"] + out["expr_f1"] + out["au_f1"]
         out.update({f"expr_f1/{name}": float(v) for name, v in zip(EXPR_NAMES, expr)})
         out.update({f"au_f1/{name}": float(v) for name, v in zip(AU_NAMES, au)})
+        out.update({f"au_f1_tuned/{name}": float(v) for name, v in zip(AU_NAMES, tuned)})
         out["va_frames"] = float(self.va_sums[0, 0])
         out["expr_frames"] = float(self.expr_cm.sum())
         out["au_frames"] = float(self.au_hist[:, 0].sum())

@@ -115,6 +115,8 @@ def test_tuned_au_thresholds_reproduce_their_f1() -> None:
     prob = torch.sigmoid(torch.cat([o["au"].reshape(-1, 12) for o, _ in batches])).numpy()[m]
     tuned = f1_score(yt, (prob >= thr).astype(int), average="macro", zero_division=0)
     assert got["au_f1_tuned"] == pytest.approx(tuned, abs=1e-9)
+    per_tuned = f1_score(yt, (prob >= thr).astype(int), average=None, zero_division=0)
+    assert [got[f"au_f1_tuned/{n}"] for n in AU_NAMES] == pytest.approx(per_tuned.tolist(), abs=1e-9)
     # no threshold on a 1/100 grid does better for any AU
     hit = prob[None] >= np.linspace(0, 1, 101)[:, None, None]  # [thresholds, frames, AUs]
     tp, fp, fn = (hit & (yt == 1)).sum(1), (hit & (yt == 0)).sum(1), (~hit & (yt == 1)).sum(1)
