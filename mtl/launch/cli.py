@@ -1,0 +1,46 @@
+"""`mtl submit`: one training job on SLURM, or with ``--sweep FILE`` one job array of them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    keys = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "partition", "time", "folder")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _submit(args: argparse.Namespace) -> int:
+    if args.sweep is not None:
+        from mtl.launch.sweep import submit_sweep
+
+        return submit_sweep(args.sweep, args.config, args.overrides, _flags(args), wait=args.wait)
+    from mtl.launch.submit import submit
+
+    return submit(args.config, args.overrides, _flags(args), wait=args.wait)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: mtl/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    g = p.add_argument_group("SLURM request (each sets the slurm.* key of the config)")
+    g.add_argument("--nodes", type=int, help="slurm.nodes")
+    g.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node (0: a CPU job)")
+    g.add_argument("--tasks-per-node", type=int, help="slurm.tasks_per_node (default: one per GPU, else 1)")
+    g.add_argument("--cpus-per-task", type=int, help="slurm.cpus_per_task")
+    g.add_argument("--mem-gb", type=int, help="slurm.mem_gb")
+    g.add_argument("--partition", "-p", help="slurm.partition (default: the cluster's default)")
+    g.add_argument("--time", type=int, metavar="MIN", help="slurm.time_min, the time limit in minutes")
+    g.add_argument("--folder", help="slurm.folder for submitit's files and the logs (%%j: job id)")
+    p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit 0 only if all completed")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="train on SLURM through submitit (validated on the login node; requeues itself on preemption)",
+    )
+    _add_common(p)
+    p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="a sweep YAML: one job array")
+    p.set_defaults(func=_submit)

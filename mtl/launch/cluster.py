@@ -1,0 +1,104 @@
+"""The few SLURM command-line calls the launcher needs, each turning a missing tool or a bad answer into MtlError.
+
+Job states come from ``squeue --states=all`` first (it needs no accounting database, and sees finished jobs for
+``MinJobAge`` seconds), then from ``sacct`` where a cluster has accounting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from mtl.errors import MtlError
+
+# States in which a job may still run (again): keep waiting. Everything else is final.
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+        "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
+    }
+)  # fmt: skip
+
+
+def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise MtlError(f"'{cmd[0]}' not found on PATH: is this a SLURM login node?") from None
+    except subprocess.TimeoutExpired:
+        raise MtlError(f"'{' '.join(cmd)}' did not answer within {timeout:.0f} s: is slurmctld up?") from None
+
+
+def require_sbatch() -> str:
+    """Path of ``sbatch``; a clear error where there is none (a laptop, a container without SLURM)."""
+    path = shutil.which("sbatch")
+    if path is None:
+        raise MtlError(
+            "sbatch not found on PATH: `mtl submit` needs a SLURM login node "
+            "(for a one-machine cluster: sudo tools/slurm-local.sh up; without SLURM use `mtl train`)"
+        )
+    if shutil.which("srun") is None:
+        raise MtlError("srun not found on PATH (sbatch is there): the SLURM client tools are incomplete")
+    return path
+
+
+def partitions() -> tuple[list[str], str | None]:
+    """(partition names, the default one) as ``sinfo`` reports them."""
+    proc = _run(["sinfo", "--noheader", "--format=%P"])
+    if proc.returncode != 0:
+        raise MtlError(f"sinfo failed ({proc.stderr.strip() or proc.returncode}): is slurmctld up?")
+    names, default = [], None
+    for line in proc.stdout.split():
+        name = line.strip()
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        if name and name not in names:
+            names.append(name)
+    return names, default
+
+
+def check_partition(partition: str | None) -> str:
+    """The partition a job will go to; an error naming the valid ones if it does not exist."""
+    names, default = partitions()
+    if partition is None:
+        if default is None:
+            raise MtlError(f"no default SLURM partition: pass --partition (one of: {', '.join(names) or 'none'})")
+        return default
+    if partition not in names:
+        raise MtlError(f"unknown SLURM partition '{partition}' (partitions here: {', '.join(names) or 'none'})")
+    return partition
+
+
+def job_state(job_id: str) -> str | None:
+    """SLURM state of a job or array element (``123`` or ``123_4``), or None when SLURM no longer knows it."""
+    proc = _run(["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%i %T"])
+    if proc.returncode == 0:
+        for line in proc.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == job_id:
+                return parts[1]
+    proc = _run(["sacct", "--noheader", "--parsable2", "--format=JobID,State", f"--jobs={job_id}"])
+    if proc.returncode == 0:
+        for line in proc.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            if jid == job_id and state:
+                return state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+    return None
+
+
+def requeue(job_id: str) -> None:
+    proc = _run(["scontrol", "requeue", job_id])
+    if proc.returncode != 0:
+        raise MtlError(f"scontrol requeue {job_id} failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def queued_jobs(name: str | None = None) -> list[str]:
+    """Ids of this user's jobs that SLURM knows (optionally only those named ``name``)."""
+    cmd = ["squeue", "--noheader", "--me", "--states=all", "--format=%i"]
+    if name:
+        cmd.append(f"--name={name}")
+    proc = _run(cmd)
+    if proc.returncode != 0:
+        raise MtlError(f"squeue failed: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout.split()
