@@ -92,13 +92,3 @@ def requeue(job_id: str) -> None:
     if proc.returncode != 0:
         raise MtlError(f"scontrol requeue {job_id} failed: {proc.stderr.strip() or proc.returncode}")
 
-
-def queued_jobs(name: str | None = None) -> list[str]:
-    """Ids of this user's jobs that SLURM knows (optionally only those named ``name``)."""
-    cmd = ["squeue", "--noheader", "--me", "--states=all", "--format=%i"]
-    if name:
-        cmd.append(f"--name={name}")
-    proc = _run(cmd)
-    if proc.returncode != 0:
-        raise MtlError(f"squeue failed: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout.split()

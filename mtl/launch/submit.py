@@ -125,7 +125,7 @@ def tag_run(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
 
 @dataclass
 class Outcome:
-    state: str  # COMPLETED, PREEMPTED (not requeued), FAILED, CANCELLED, TIMEOUT, ...
+    state: str  # COMPLETED, or why not: FAILED (raised; detail has the error), CANCELLED, TIMEOUT, ...
     result: dict[str, Any] | None
     detail: str
 
@@ -149,8 +149,6 @@ def outcome(q: Queued, state: str | None) -> Outcome:
         except Exception as exc:  # the job raised: submitit's message carries the traceback
             lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("---")]
             return Outcome("FAILED", None, "\n".join(lines[-12:]))
-        if result.get("status") == "preempted":
-            return Outcome("PREEMPTED", result, "checkpoint saved; not requeued")
         return Outcome("COMPLETED", result, "")
     detail = _tail(t0.paths.stderr) or f"no output; see {t0.paths.stdout}"
     return Outcome(state or "UNKNOWN", None, detail)

@@ -18,9 +18,8 @@ import os
 import sys
 from typing import Any
 
+from mtl.engine.cli import EXIT_PREEMPTED  # the sbatch templates requeue on the same code
 from mtl.errors import MtlError
-
-EXIT_PREEMPTED = 3  # as mtl.engine.cli.EXIT_PREEMPTED and the sbatch templates
 
 
 def _log(msg: str) -> None:

@@ -1,0 +1,167 @@
+"""The launch layer's login-node logic without a cluster: sweep files, precedence, and checks before queuing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtl.config import ConfigError
+from mtl.errors import MtlError
+from mtl.launch import prepare
+from mtl.launch.sweep import element_configs, element_name, read_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def _sweep(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_example_sweep_expands_grid_then_runs_and_validates_every_element(tmp_path: Path) -> None:
+    sweep = read_sweep(REPO / "configs" / "sweeps" / "example.yaml")
+    names = [element_name(e) for e in sweep.elements]
+    assert names == [
+        "model.mask.prob=0.1",
+        "model.mask.prob=0.3",
+        "model.mask.prob=0.5",
+        "model.mask.mode=feature,model.mask.prob=0.3",
+    ]
+    cfgs = element_configs(sweep, REPO / sweep.config, [f"data.shards={tmp_path}"], {"partition": "p"})
+    assert [c.model.mask.prob for c in cfgs] == [0.1, 0.3, 0.5, 0.3]
+    assert cfgs[3].model.mask.mode == "feature" and cfgs[0].model.mask.mode == "token"
+    assert all(c.train.max_steps == 5000 and c.slurm.partition == "p" for c in cfgs)
+    outs = [Path(c.train.output_dir) for c in cfgs]
+    assert len(set(outs)) == 4 and all(o.is_absolute() and o.parent.name == "mask-prob" for o in outs)
+    assert outs[0].name == "000-model.mask.prob=0.1"
+
+
+def test_sweep_precedence_file_base_cli_element(tmp_path: Path) -> None:
+    path = _sweep(
+        tmp_path,
+        {
+            "base": {"optim.lr": 0.01, "train.max_steps": 7, "model.mask.prob": 0.2},
+            "runs": [{"model.mask.prob": 0.4}, {"optim.lr": 0.5, "train.output_dir": str(tmp_path / "mine")}],
+        },
+    )
+    cfgs = element_configs(read_sweep(path), SMOKE, ["optim.lr=0.02"], {"time": 30})
+    assert [c.optim.lr for c in cfgs] == [0.02, 0.5]  # CLI beats base; the element beats CLI
+    assert [c.model.mask.prob for c in cfgs] == [0.4, 0.2]
+    assert {c.train.max_steps for c in cfgs} == {7} and {c.slurm.time_min for c in cfgs} == {30}
+    assert cfgs[0].model.backbone_kwargs["embed_dim"] == 32  # the file still underneath
+    assert cfgs[1].train.output_dir == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"runs": [{"model.mask.prob": 0.1}], "gird": {}}, "unknown key(s) ['gird']"),
+        ({"name": "x"}, "no runs"),
+        ({"grid": {"model.mask.prob": []}}, "grid.model.mask.prob: expected a non-empty list"),
+        ({"runs": [{"slurm.nodes": 2}]}, "element 0 sets slurm.nodes"),
+        ({"runs": [{"tracking.experiment": "e"}]}, "element 0 sets tracking.experiment"),
+        ({"runs": [{"optim.lr": 0.1}, {"optim.lr": 0.1}]}, "the same override set appears twice"),
+        ({"runs": ["optim.lr=0.1"]}, "runs[0]: expected a mapping"),
+    ],
+)
+def test_sweep_file_errors_name_the_file_and_the_problem(tmp_path: Path, data: dict, message: str) -> None:
+    path = _sweep(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        read_sweep(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_bad_element_is_named_before_anything_is_queued(tmp_path: Path) -> None:
+    path = _sweep(tmp_path, {"runs": [{"model.mask.prob": 0.1}, {"model.mask.prob": 1.5}]})
+    with pytest.raises(ConfigError) as err:
+        element_configs(read_sweep(path), SMOKE, [], {})
+    msg = str(err.value)
+    assert "element 1 (model.mask.prob=1.5)" in msg and "model.mask.prob: expected a value in [0, 1]" in msg
+
+
+def test_flags_override_the_slurm_section_and_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = prepare.load_for_submit(
+        SMOKE,
+        ["slurm.nodes=3", "slurm.partition=a", "data.shards=sh", "train.resume=ckpts/x"],
+        {"nodes": 2, "partition": None, "gpus_per_node": 0, "tasks_per_node": 2, "time": 15, "folder": "logs/%j"},
+    )
+    assert (cfg.slurm.nodes, cfg.slurm.partition, cfg.slurm.time_min) == (2, "a", 15)
+    assert prepare.tasks_per_node(cfg) == 2
+    assert cfg.data.shards == str(tmp_path / "sh")
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "smoke")
+    assert cfg.train.resume == str(tmp_path / "ckpts" / "x")
+    assert cfg.slurm.folder == str(tmp_path / "logs" / "%j")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_one_task_per_gpu_by_default() -> None:
+    cfg = prepare.load_for_submit(None, [], {"gpus_per_node": 4})
+    assert prepare.tasks_per_node(cfg) == 4
+    assert prepare.tasks_per_node(prepare.load_for_submit(None, [], {"gpus_per_node": 0})) == 1
+
+
+def test_request_checks_fail_before_slurm_is_asked(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")  # no SLURM tool could be reached: these must fail first
+    cfg = prepare.load_for_submit(None, [], {"time": 1})
+    with pytest.raises(ConfigError, match=r"slurm.time_min=1 min is not longer than slurm.signal_delay_s=90 s"):
+        prepare.check_request(cfg)
+    cfg = prepare.load_for_submit(None, [], {"nodes": 2, "gpus_per_node": 0})
+    with pytest.raises(ConfigError, match="set slurm.tasks_per_node"):
+        prepare.check_request(cfg)
+    with pytest.raises(MtlError, match="sbatch not found on PATH"):
+        prepare.check_request(prepare.load_for_submit(None, [], {}))
+
+
+def test_inputs_the_job_would_open_are_checked(tmp_path: Path) -> None:
+    cfg = prepare.load_for_submit(SMOKE, [f"data.shards={tmp_path / 'none'}"], {})
+    with pytest.raises(MtlError, match=r"data.shards=.*none: no manifest.json"):
+        prepare.check_inputs(cfg)
+    (tmp_path / "manifest.json").write_text("{}")
+    ok = [f"data.shards={tmp_path}", f"train.output_dir={tmp_path / 'out'}"]
+    prepare.check_inputs(prepare.load_for_submit(SMOKE, ok, {}))
+    with pytest.raises(ConfigError, match="model.backbone='vit_tiny_patch16_225' is not a timm model"):
+        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "model.backbone=vit_tiny_patch16_225"], {}))
+    with pytest.raises(MtlError, match="model.pretrained_file=.*: file not found"):
+        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "model.pretrained_file=w.safetensors"], {}))
+    done = tmp_path / "out" / "checkpoints" / "step_00000003"
+    done.mkdir(parents=True)
+    (done / "complete.json").write_text("{}")
+    with pytest.raises(MtlError, match="train.resume=never but .* already holds checkpoints"):
+        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "train.resume=never"], {}))
+
+
+def test_run_id_file_name_matches_the_engine() -> None:
+    from mtl.engine.trainer import RUN_ID_FILE
+
+    assert prepare.RUN_ID_FILE == RUN_ID_FILE
+
+
+def test_runs_made_at_submission_and_continued_from_the_output_dir(tmp_path: Path, monkeypatch) -> None:
+    """A new run per submission; a resubmitted output_dir continues the run the engine recorded there."""
+    from mlflow.tracking import MlflowClient
+
+    from mtl.launch.submit import open_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db, out = tmp_path / "mlflow.db", tmp_path / "out"
+    base = [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "tracking.experiment=e"]
+    cfg = prepare.load_for_submit(SMOKE, base, {})
+    run_id, made = open_run(cfg, "first", {"k": "v"})
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    assert made and run.info.run_name == "first" and run.data.tags["k"] == "v"
+
+    out.mkdir()
+    (out / prepare.RUN_ID_FILE).write_text(f"{run_id}\n")
+    assert open_run(cfg, "again", {}) == (run_id, False)
+    fresh, made = open_run(prepare.load_for_submit(SMOKE, [*base, "train.resume=never"], {}), None, {})
+    assert made and fresh != run_id
+    with pytest.raises(MtlError, match="MLflow run 0123abc not found"):
+        open_run(prepare.load_for_submit(SMOKE, [*base, "tracking.run_id=0123abc"], {}), None, {})
+    assert open_run(prepare.load_for_submit(SMOKE, [*base, "tracking.enabled=false"], {}), None, {}) == (None, False)

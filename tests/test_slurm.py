@@ -1,0 +1,229 @@
+"""`mtl submit`, preemption/requeue, sweeps and the sbatch templates on a real one-node SLURM cluster.
+
+Every job is a real 2-rank (or 1-rank) DeepSpeed ZeRO-2 run of the smoke model on CPU (gloo), logging to a real
+MLflow store; the cluster is started by tools/slurm-local.sh (see slurm_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, SMOKE, mtl, ok, run, smoke_overrides
+from mlflow.tracking import MlflowClient
+from slurm_fixtures import job_ids, job_info, slurm_cluster_fixture, wait_for_path, wait_for_state  # noqa: F401
+
+from mtl.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+
+
+def _client(db: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{db}")
+
+
+def _runs(db: Path, experiment: str = "mtl-smoke") -> list:
+    client = _client(db)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
+    return client.search_runs([exp.experiment_id])
+
+
+def _steps(db: Path, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in _client(db).get_metric_history(run_id, key))
+
+
+def _job_id(stdout: str) -> str:
+    m = re.search(r"submitted job (\d+)", stdout)
+    assert m, f"no job id in:\n{stdout}"
+    return m.group(1)
+
+
+def test_submit_two_rank_deepspeed_job_completes_into_mlflow(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
+    args = smoke_overrides(tiny_shards, out, db, "train.zero_stage=2")
+    proc = ok(mtl("submit", "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                  "--folder", str(folder), "--wait", timeout=300))  # fmt: skip
+    job = _job_id(proc.stdout)
+    run_id = re.search(r"mlflow  new run (\w+) \(experiment 'mtl-smoke'\) in sqlite:///", proc.stdout).group(1)
+    stdout_log = Path(re.search(r"stdout  (\S+)", proc.stdout).group(1))
+    assert stdout_log == tmp_path / "slurm" / job / f"{job}_0_log.out" and stdout_log.is_file()
+    assert f"job {job} (smoke): completed at step 6, MLflow run {run_id}" in proc.stdout
+
+    info = job_info(job)
+    assert info["JobState"] == "COMPLETED" and info["NumTasks"] == "2" and info["Restarts"] == "0"
+    (r,) = _runs(db)
+    assert r.info.run_id == run_id and r.info.status == "FINISHED"
+    assert r.data.tags["world_size"] == "2" and r.data.tags["zero_stage"] == "2"
+    assert r.data.tags["slurm_job_id"] == job and r.data.tags["submit.job_id"] == job
+    assert r.data.params["slurm.tasks_per_node"] == "2" and r.data.params["train.output_dir"] == str(out)
+    assert _steps(db, run_id) == list(range(1, 7))
+    assert (out / "export" / "last.safetensors").is_file()
+
+
+# How a running job gets told to stop: SLURM's preemption/time-limit warning (--signal=USR2@90, to every task),
+# after which mtl requeues the job itself; and `scontrol requeue` (SIGTERM), after which SLURM requeues it.
+STOPS = {"usr2": ["scancel", "--signal=USR2"], "scontrol-requeue": ["scontrol", "requeue"]}
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
+    how: str, slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
+    # ~50 ms a step here: 100 steps leave seconds between the first checkpoint (step 10) and the end.
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10", "train.keep_last=5")
+    proc = ok(mtl("submit", "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                  "--folder", str(folder)))  # fmt: skip
+    job = _job_id(proc.stdout)
+    wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
+    subprocess.run([*STOPS[how], job], check=True)
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    err = (tmp_path / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert info["JobState"] == "COMPLETED", err[-3000:]
+    assert info["Restarts"] == "1", "the job should have been requeued exactly once"
+    saved = re.search(r"checkpoint saved at step (\d+); (requeued job|job \S+ is \w+: not requeued by mtl)", err)
+    assert saved, err[-3000:]
+    assert saved.group(2).startswith("requeued" if how == "usr2" else "job")  # exactly one requeue, by the right side
+    preempted_at = int(saved.group(1))
+    assert 10 <= preempted_at < 100
+
+    (r,) = _runs(db)  # one MLflow run across both attempts
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["resumed_from"] == f"step_{preempted_at:08d}"  # resumed from the preemption checkpoint
+    assert _steps(db, r.info.run_id) == list(range(1, 101))  # every step once: none repeated, none skipped
+    assert "restart 1" in err
+
+
+def test_cancelled_job_saves_and_stays_cancelled(slurm_cluster: str, tiny_shards: Path, tmp_path: Path) -> None:
+    """scancel is the user's decision: the job checkpoints on SIGTERM but is not requeued."""
+    out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10")
+    proc = ok(mtl("submit", "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                  "--folder", str(folder)))  # fmt: skip
+    job = _job_id(proc.stdout)
+    wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
+    subprocess.run(["scancel", job], check=True)
+    info = wait_for_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
+    time.sleep(3)  # a wrong requeue would show by now
+    info = job_info(job)
+    err = (tmp_path / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", err[-3000:]
+    saved = re.search(r"checkpoint saved at step (\d+); job \S+ is \w+: not requeued by mtl", err)
+    assert saved, err[-3000:]
+    assert (out / "checkpoints" / f"step_{int(saved.group(1)):08d}" / "complete.json").is_file()
+    (r,) = _runs(db)
+    assert r.info.status == "KILLED"
+
+
+def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10", "train.keep_last=5")
+    log = tmp_path / "job.out"
+    env = {
+        "CONFIG": str(SMOKE),
+        "OVERRIDES": " ".join(args[:2]),  # the rest as script arguments: both ways reach `mtl train`
+        "MTL": f"{sys.executable} -m mtl.cli",
+    }
+    proc = ok(run(["sbatch", "--parsable", "--partition", slurm_cluster, "--gpus-per-node=0", "--ntasks-per-node=2",
+                   "--cpus-per-task=1", "--time=10", f"--output={log}", str(REPO / "slurm" / "train-1node.sbatch"),
+                   *args[2:]], env=env))  # fmt: skip
+    job = proc.stdout.strip().split(";")[0]
+    wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["Restarts"] == "1" and "mtl: checkpoint saved; requeueing job" in text, text[-3000:]
+    assert "(restart 1)" in text
+
+    (r,) = _runs(db)
+    assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2"
+    assert r.data.tags["resumed_from"].startswith("step_")
+    assert _steps(db, r.info.run_id) == list(range(1, 101))
+    assert (out / "export" / "last.safetensors").is_file()
+
+
+def test_sweep_is_one_array_with_child_runs_under_one_parent(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out, db = tmp_path / "sweep", tmp_path / "mlflow.db"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "mask-test",
+        "base": {"train.max_steps": 4, "train.ckpt_every": 4},
+        "runs": [{"model.mask.prob": 0.1}, {"model.mask.prob": 0.4}],
+    }))  # fmt: skip
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit the submitting environment
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # One task per element, so that both elements run at once on the 2 CPUs.
+    rc = main(["submit", "--sweep", str(sweep), "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db),
+               "--partition", slurm_cluster, "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1",
+               "--time", "10", "--folder", str(tmp_path / "slurm" / "%j"), "--wait"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    array = re.search(r"submitted job array (\d+) with 2 element", printed).group(1)
+    assert f"{array}_0" in printed and f"{array}_1" in printed
+
+    runs = _runs(db)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.run_name == "mask-test" and parent.data.tags["submit.job_id"] == array
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"model.mask.prob=0.1", "model.mask.prob=0.4"}
+    for name, child in by_name.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.params["model.mask.prob"] == name.split("=")[1]  # the element's override took effect
+        assert child.data.tags["slurm_job_id"] == array
+        assert _steps(db, child.info.run_id) == [1, 2, 3, 4]
+    dirs = {by_name[n].data.params["train.output_dir"] for n in by_name}
+    assert dirs == {str(out / "000-model.mask.prob=0.1"), str(out / "001-model.mask.prob=0.4")}
+    assert all((Path(d) / "export" / "last.safetensors").is_file() for d in dirs)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no-sbatch", "sbatch not found on PATH"),
+        ("partition", "unknown SLURM partition 'no-such-partition' (partitions here: debug)"),
+        ("override", "unknown config key 'train.max_stepz'; did you mean max_steps"),
+        ("shards", "no manifest.json there"),
+    ],
+)
+def test_bad_input_fails_on_the_login_node_and_queues_nothing(
+    case: str, expected: str, slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    db, folder = tmp_path / "mlflow.db", tmp_path / "slurm"
+    args = smoke_overrides(tiny_shards, tmp_path / "run", db)
+    flags = ["--partition", slurm_cluster, *CPU_JOB, "--folder", str(folder / "%j")]
+    before = job_ids()
+    if case == "no-sbatch":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    elif case == "partition":
+        flags[1] = "no-such-partition"
+    elif case == "override":
+        args.append("train.max_stepz=5")
+    elif case == "shards":
+        args[0] = f"data.shards={tmp_path / 'missing'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc = main(["submit", "--config", str(SMOKE), *args, *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("mtl submit: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    monkeypatch.undo()
+    assert job_ids() == before, "a job was queued"
+    assert not folder.exists() and not db.exists(), "submitit files or an MLflow run were created"
