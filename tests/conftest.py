@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny packed data set (real synth -> real pack) and helpers to run `mtl` as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+DRIVER = REPO / "tests" / "drivers" / "train_driver.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic Aff-Wild2 release packed into shards (enough shards for 2 ranks x 2 workers)."""
+    from mtl.data.pack import pack
+    from mtl.data.synth import make_synth
+
+    base = tmp_path_factory.mktemp("tiny")
+    root = make_synth(base / "synth", videos=6, frames=48, seed=0)
+    out = base / "shards"
+    pack(root / "cropped_aligned", root / "annotations", out, segment_len=16, shard_size=3, workers=1)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_overrides(shards: Path, out: Path, db: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", *extra]
+
+
+def run(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=kw.pop("cwd", REPO), **kw)
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *args]  # fmt: skip
+    return run(cmd, timeout=timeout)
+
+
+def mtl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "mtl.cli", *args], timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc

@@ -1,0 +1,77 @@
+"""Runs `mtl.engine.trainer` under test control (as `mtl train` would), for faults no CLI flag should offer.
+
+usage: train_driver.py MODE CONFIG [key=value ...]
+  plain                normal run; each rank prints `DIGEST <rank> <sha256 of all parameters>` at the end
+  kill_in_save=N       SIGKILL this process in the middle of saving step N (DeepSpeed files written, no marker)
+  nan_at_micro=K       the loss of micro-batch K (1-based, this process's count) is NaN
+  nan_from_micro=K     every loss from micro-batch K on is NaN
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from mtl.config import load_config
+from mtl.engine import checkpoint as ckpt
+from mtl.engine import trainer as trainer_mod
+
+
+def param_digest(engine) -> str:
+    params = list(engine.module.parameters())
+    if hasattr(params[0], "ds_id"):  # ZeRO-3: gather the partitions to compare whole tensors
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return param_digest_plain(engine.module)
+    return param_digest_plain(engine.module)
+
+
+def param_digest_plain(module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> int:
+    mode, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    cfg = load_config(config, overrides)
+    if mode.startswith("kill_in_save="):
+        # _rng_state runs inside checkpoint.save after DeepSpeed has written its files and before the marker.
+        target_dir = Path(cfg.train.output_dir).resolve() / "checkpoints" / ckpt.tag_for(int(mode.split("=")[1]))
+        original = ckpt._rng_state
+
+        def dying_rng_state():
+            if any(target_dir.glob("*model_states.pt")):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original()
+
+        ckpt._rng_state = dying_rng_state
+    t = trainer_mod.Trainer(cfg)
+    if mode.startswith(("nan_at_micro=", "nan_from_micro=")):
+        k = int(mode.split("=")[1])
+        real_loss, count = t.loss_fn, [0]
+
+        def poisoned(outputs, batch):
+            count[0] += 1
+            total, parts = real_loss(outputs, batch)
+            bad = count[0] == k or (mode.startswith("nan_from") and count[0] >= k)
+            return (total * float("nan") if bad else total), parts
+
+        t.loss_fn = poisoned
+    result = t.run()
+    print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
+    print(f"DIGEST {t.env.rank} {param_digest(t.engine)}", flush=True)
+    return 3 if result.status == "preempted" else 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
