@@ -25,14 +25,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: mtl/config.py)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     g = p.add_argument_group("SLURM request (each sets the slurm.* key of the config)")
-    g.add_argument("--nodes", type=int, help="slurm.nodes")
-    g.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node (0: a CPU job)")
-    g.add_argument("--tasks-per-node", type=int, help="slurm.tasks_per_node (default: one per GPU, else 1)")
-    g.add_argument("--cpus-per-task", type=int, help="slurm.cpus_per_task")
-    g.add_argument("--mem-gb", type=int, help="slurm.mem_gb")
-    g.add_argument("--partition", "-p", help="slurm.partition (default: the cluster's default)")
+    g.add_argument("--nodes", type=int, metavar="N", help="slurm.nodes")
+    g.add_argument("--gpus-per-node", type=int, metavar="G", help="slurm.gpus_per_node (0: a CPU job)")
+    g.add_argument(
+        "--tasks-per-node", type=int, metavar="K", help="slurm.tasks_per_node (default: one per GPU, else 1)"
+    )
+    g.add_argument("--cpus-per-task", type=int, metavar="C", help="slurm.cpus_per_task")
+    g.add_argument("--mem-gb", type=int, metavar="M", help="slurm.mem_gb")
+    g.add_argument("--partition", "-p", metavar="P", help="slurm.partition (default: the cluster's default)")
     g.add_argument("--time", type=int, metavar="MIN", help="slurm.time_min, the time limit in minutes")
-    g.add_argument("--folder", help="slurm.folder for submitit's files and the logs (%%j: job id)")
+    g.add_argument("--folder", metavar="DIR", help="slurm.folder for submitit's files and the logs (%%j: job id)")
     p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit 0 only if all completed")
 
 
@@ -40,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit",
         help="train on SLURM through submitit (validated on the login node; requeues itself on preemption)",
+        description="Validate the config and the SLURM request on the login node, create the MLflow run, and queue "
+        "`mtl train` as a submitit job (with --sweep: one job array, one child run per element). Options first, "
+        "key=value overrides last. Prints the job id, the log paths and the MLflow run.",
     )
     _add_common(p)
     p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="a sweep YAML: one job array")

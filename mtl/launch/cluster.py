@@ -91,4 +91,3 @@ def requeue(job_id: str) -> None:
     proc = _run(["scontrol", "requeue", job_id])
     if proc.returncode != 0:
         raise MtlError(f"scontrol requeue {job_id} failed: {proc.stderr.strip() or proc.returncode}")
-
