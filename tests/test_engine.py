@@ -31,12 +31,12 @@ def _lines(stdout: str, word: str) -> list[list[str]]:
     return [line.split() for line in stdout.splitlines() if line.startswith(word + " ")]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_train_agree_and_log(stage: int, tiny_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "accum"), [(2, 1), (3, 2)])
+def test_two_ranks_train_agree_and_log(stage: int, accum: int, tiny_shards: Path, tmp_path: Path) -> None:
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
     args = smoke_overrides(
-        tiny_shards, out, db, f"train.zero_stage={stage}", "train.max_steps=10", "train.eval_every=5",
-        "train.ckpt_every=5", "optim.lr=3e-3", "optim.warmup_steps=1",
+        tiny_shards, out, db, f"train.zero_stage={stage}", f"train.grad_accum={accum}", "train.max_steps=10",
+        "train.eval_every=5", "train.ckpt_every=5", "optim.lr=3e-3", "optim.warmup_steps=1",
     )  # fmt: skip
     proc = ok(torchrun(2, [str(DRIVER), "plain", str(SMOKE), *args]))
 
@@ -67,7 +67,8 @@ def test_two_ranks_train_agree_and_log(stage: int, tiny_shards: Path, tmp_path: 
     assert {f"plots/val/step_00000010/{n}" for n in ("expr_confusion.png", "au_f1.png", "va_scatter.png")} <= plots
     ds_json = json.loads(Path(client.download_artifacts(r.info.run_id, "ds_config.json", str(tmp_path))).read_text())
     assert ds_json["zero_optimization"]["stage"] == stage and ds_json["gradient_clipping"] == 1.0
-    assert ds_json["train_batch_size"] == 2 * 2  # micro 2 x 2 ranks
+    assert ds_json["train_batch_size"] == 2 * accum * 2  # micro 2 x accumulation x 2 ranks
+    assert ds_json["gradient_accumulation_steps"] == accum
 
     # Kept: the last K (2) and the best; consolidated weights exported.
     assert (out / "export" / "last.safetensors").is_file() and (out / "export" / "best.safetensors").is_file()
@@ -155,3 +156,17 @@ def test_nan_loss_is_skipped_then_stops(tiny_shards: Path, tmp_path: Path) -> No
     proc = run([sys.executable, str(DRIVER), "nan_from_micro=2", str(SMOKE), *args])
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr and "train.max_bad_steps=3" in proc.stderr
+
+
+def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
+    """The README's first command, scaled down: synth -> pack -> train -> eval -> UI hint -> JSON last line."""
+    proc = ok(mtl("demo", "--workdir", str(tmp_path / "demo"), "--videos", "4", "--frames", "40",
+                  "train.max_steps=3", "train.eval_every=3", "data.num_workers=0", "data.batch_size=1"))  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    scores = json.loads(lines[-1])
+    assert set(scores) == {"va_ccc", "expr_f1", "au_f1", "mtl_score"}
+    assert all(-1 <= v <= 3 for v in scores.values())
+    assert any("mlflow ui --backend-store-uri sqlite:///" in line for line in lines)
+    client, runs = _runs(tmp_path / "demo" / "mlflow.db", "mtl-demo")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
