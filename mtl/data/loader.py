@@ -1,0 +1,381 @@
+"""Streaming loaders over the shards of `mtl pack`: training clips and evaluation clips, as Batch dicts.
+
+Why our own split of the data over ranks and workers instead of webdataset's ``split_by_node`` /
+``split_by_worker``: those hand out whole shards, so ranks get unequal sample counts whenever shards differ in size
+(a split's last shard always does) or their number does not divide by ranks x workers, and a rank with no shard
+hangs. Under DeepSpeed every rank must run the same number of steps, or the others wait forever in a collective.
+So an epoch here is one sequence of samples (the shards in a per-epoch order, seeded identically on every rank,
+concatenated), cut at sample granularity into equal contiguous pieces: one per rank, then one per worker. Each
+worker still streams its shards front to back (a piece has at most two partial shards, entered by seeking), and
+webdataset provides the tar grouping and the shuffle buffer.
+
+Batch contract (see the project notes): frames f32 [B,T,3,H,W], has_image/pad bool [B,T], va f32 [B,T,2], expr i64
+[B,T], au f32 [B,T,12], *_valid bool [B,T]; training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
+index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+
+from mtl.constants import NUM_AU
+from mtl.data.manifest import read_manifest, split_entry
+from mtl.data.shardio import Sample, ShardReader, parse_sample, read_raw
+from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
+from mtl.errors import DataError
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [first, stop) of shard ``shard``."""
+
+    shard: int
+    first: int
+    stop: int
+
+
+@dataclass
+class SplitTable:
+    """Shard paths and sample counts of one split, from the manifest."""
+
+    root: Path
+    paths: list[Path]
+    counts: list[int]
+    sample_frames: list[list[int]]
+
+    @classmethod
+    def load(cls, root: str | Path, split: str) -> SplitTable:
+        root = Path(root)
+        entry = split_entry(read_manifest(root), split, root)
+        shards = entry["shards"]
+        return cls(root, [root / s["path"] for s in shards], [s["samples"] for s in shards],
+                   [s["sample_frames"] for s in shards])  # fmt: skip
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def base(self) -> list[int]:
+        """Index in the split of each shard's first sample."""
+        return [0, *itertools.accumulate(self.counts)][:-1]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % (1 << 63) for p in parts]).generate_state(1)[0])
+
+
+def cut(order: list[int], counts: list[int], start: int, stop: int) -> list[Piece]:
+    """The pieces of shards (taken in ``order``, concatenated) covering positions [start, stop)."""
+    out, pos = [], 0
+    for s in order:
+        a, b = pos, pos + counts[s]
+        pos = b
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            out.append(Piece(s, lo - a, hi - a))
+        if pos >= stop:
+            break
+    return out
+
+
+def train_batches_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank runs per epoch: all ranks the same, dropping fewer than world_size * batch_size samples."""
+    return samples // (world_size * batch_size)
+
+
+def plan_train_epoch(
+    counts: list[int], *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int, workers: int
+) -> tuple[int, list[list[Piece]], list[int]]:
+    """(batches per rank, pieces per logical worker, batches per logical worker) for one rank and epoch.
+
+    Rank batch j is logical worker j % W's batch j // W: the DataLoader asks workers round-robin, so the batches
+    come out in order j = 0, 1, 2, ... and a resume can skip exactly the first k of them.
+    """
+    n_batches = train_batches_per_epoch(sum(counts), world_size, batch_size)
+    order = np.random.default_rng(_seed(seed, epoch, 0x5A4D)).permutation(len(counts)).tolist()
+    w = max(1, workers)
+    pos = rank * n_batches * batch_size
+    pieces, batches = [], []
+    for lw in range(w):
+        nb = len(range(lw, n_batches, w))
+        pieces.append(cut(order, counts, pos, pos + nb * batch_size))
+        batches.append(nb)
+        pos += nb * batch_size
+    return n_batches, pieces, batches
+
+
+def plan_eval(
+    sample_frames: list[list[int]], clip_len: int, batch_size: int, rank: int, world_size: int
+) -> tuple[int, list[list[tuple[int, int, int]]]]:
+    """(batches per rank, this rank's batches of clips (shard, sample, first frame offset)), in split order."""
+    clips = [
+        (s, i, c * clip_len)
+        for s, frames in enumerate(sample_frames)
+        for i, n in enumerate(frames)
+        for c in range(math.ceil(n / clip_len))
+    ]
+    bounds = [r * len(clips) // world_size for r in range(world_size + 1)]
+    n_batches = max(math.ceil((bounds[r + 1] - bounds[r]) / batch_size) for r in range(world_size))
+    mine = clips[bounds[rank] : bounds[rank + 1]]
+    return n_batches, [mine[j : j + batch_size] for j in range(0, len(mine), batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------ clips
+
+
+def label_arrays(batch: int, clip_len: int) -> dict[str, np.ndarray]:
+    """Per-frame fields of a batch, all padding; numpy so a worker sends them through its pipe in one pickle
+    (as tensors each would need its own shared-memory segment and file-descriptor handshake)."""
+    return {
+        "has_image": np.zeros((batch, clip_len), bool),
+        "pad": np.ones((batch, clip_len), bool),
+        "frame": np.zeros((batch, clip_len), np.int64),
+        "va": np.zeros((batch, clip_len, 2), np.float32),
+        "va_valid": np.zeros((batch, clip_len), bool),
+        "expr": np.zeros((batch, clip_len), np.int64),
+        "expr_valid": np.zeros((batch, clip_len), bool),
+        "au": np.zeros((batch, clip_len, NUM_AU), np.float32),
+        "au_valid": np.zeros((batch, clip_len), bool),
+    }
+
+
+def put_labels(arrays: dict[str, np.ndarray], k: int, s: Sample, a: int, b: int) -> None:
+    """Row k of the batch <- frames [a, b) of s (the rest of the row stays padding)."""
+    n = b - a
+    arrays["has_image"][k, :n] = s.has_image[a:b]
+    arrays["pad"][k, :n] = False
+    arrays["frame"][k, :n] = s.frames[a:b]
+    for key, v in s.labels.items():
+        arrays[key][k, :n] = v[a:b]
+
+
+def to_torch(batch: dict) -> dict:
+    """Main-process side: numpy fields -> tensors (zero-copy)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def _identity(x):
+    return x
+
+
+def new_frames(shape: tuple[int, ...]) -> torch.Tensor:
+    """The batch's frame buffer; in a DataLoader worker it is made in shared memory, so handing the batch to the
+    main process copies nothing (the default collate would stack, then copy into shared memory)."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0).set_(storage, 0, shape)
+
+
+class _ClipMaker:
+    """Decodes and transforms the frames of one clip into its slot of the batch buffer; shared by both loaders."""
+
+    def __init__(self, clip_len: int, image_size: int, mean, std, augment=None):
+        self.clip_len, self.size, self.augment = clip_len, image_size, augment
+        self.tf = ClipTransform(image_size, tuple(mean), tuple(std))
+
+    def fill(self, dst: torch.Tensor, s: Sample | None, a: int, b: int, rng: np.random.Generator | None) -> None:
+        """dst [T, 3, S, S] <- frames [a, b) of s; zeros where there is no image or padding."""
+        rows = np.flatnonzero(s.has_image[a:b]) if s is not None else np.zeros(0, np.int64)
+        if len(rows) < self.clip_len:
+            empty = torch.ones(self.clip_len, dtype=torch.bool)
+            empty[torch.from_numpy(rows)] = False
+            dst[empty] = 0.0
+        if len(rows):
+            x = decode_clip(s.blob, s.offsets, rows + a)
+            aug = None if rng is None else ClipAugment.draw(x.shape[-2], x.shape[-1], self.augment, rng)
+            self.tf.into(dst, rows, x, aug)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class TrainStream(IterableDataset):
+    """Training clips of one rank and epoch; see ``plan_train_epoch`` for who reads what."""
+
+    def __init__(self, table: SplitTable, data_cfg, mean, std, *, rank, world_size, epoch, seed, skip_batches):
+        self.table, self.cfg = table, data_cfg
+        self.epoch, self.seed, self.rank, self.skip = epoch, seed, rank, skip_batches
+        self.batch_size = data_cfg.batch_size
+        self.n_batches, self.pieces, self.batches = plan_train_epoch(
+            table.counts, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+            batch_size=data_cfg.batch_size, workers=data_cfg.num_workers,
+        )  # fmt: skip
+        self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std, data_cfg.augment)
+        self.base = table.base
+
+    def _raw(self, pieces: list[Piece]) -> Iterator[dict]:
+        for p in pieces:
+            for raw in read_raw(self.table.paths[p.shard], p.first, p.stop):
+                raw["__sample__"] = self.base[p.shard] + raw["__index__"]
+                raw["__where__"] = str(self.table.paths[p.shard])
+                yield raw
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        if w != len(self.pieces):
+            raise RuntimeError(f"planned for {len(self.pieces)} workers, running with {w}")
+        lw = (wid + self.skip) % w  # rotate so the DataLoader's round-robin resumes at rank batch `skip`
+        stream = self._raw(self.pieces[lw])
+        if self.cfg.shuffle_buffer > 1:
+            buf = self.cfg.shuffle_buffer
+            stream = wds_shuffle(buf, initial=buf, seed=_seed(self.seed, self.epoch, self.rank, lw, 0x5B))(stream)
+        skip_samples = len(range(lw, self.skip, w)) * self.batch_size
+        stream = itertools.islice(stream, skip_samples, None)  # skipped samples are read, never decoded
+        while raws := list(itertools.islice(stream, self.batch_size)):
+            yield self.batch(raws)
+
+    def batch(self, raws: list[dict]) -> dict:
+        t, size = self.maker.clip_len, self.maker.size
+        frames = new_frames((len(raws), t, 3, size, size))
+        labels = label_arrays(len(raws), t)
+        ids = np.zeros(len(raws), np.int64)
+        for i, raw in enumerate(raws):
+            s = parse_sample(raw, raw["__where__"])
+            gid = raw["__sample__"]
+            rng = np.random.default_rng(_seed(self.seed, self.epoch, gid, 0xC1))  # per sample: resume-exact
+            a = int(rng.integers(0, len(s) - t + 1)) if len(s) > t else 0
+            b = min(a + t, len(s))
+            self.maker.fill(frames[i], s, a, b, rng)
+            put_labels(labels, i, s, a, b)
+            ids[i] = gid
+        return {"frames": frames, **labels, "sample": ids}
+
+
+class TrainLoader:
+    """An epoch of training batches for one rank. ``len()`` is the epoch's batches per rank (the same on every
+    rank); iterating yields the ``len() - skip_batches`` batches after the skipped ones, in the original order."""
+
+    def __init__(self, stream: TrainStream, num_workers: int):
+        self.stream, self.num_workers = stream, num_workers
+
+    def __len__(self) -> int:
+        return self.stream.n_batches
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.stream.n_batches - self.stream.skip)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.remaining == 0:
+            return
+        dl = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                        pin_memory=torch.cuda.is_available())  # fmt: skip
+        for batch in dl:
+            yield to_torch(batch)
+
+
+def make_train_loader(
+    data_cfg, *, mean, std, rank: int, world_size: int, epoch: int, seed: int, skip_batches: int = 0
+) -> TrainLoader:
+    """Training batches [B, T, ...] of rank ``rank`` for epoch ``epoch``.
+
+    One epoch over all ranks sees each training sample (segment) once, as one random window of ``clip_len`` frames
+    with one random augmentation, except fewer than world_size * batch_size dropped samples (others each epoch).
+    ``skip_batches`` resumes mid-epoch: the skipped samples are read but not decoded. Exact resume needs the same
+    world_size, batch_size and num_workers.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    table = SplitTable.load(data_cfg.shards, data_cfg.train_split)
+    n = train_batches_per_epoch(table.samples, world_size, data_cfg.batch_size)
+    if n == 0:
+        raise DataError(
+            f"{data_cfg.shards}: split {data_cfg.train_split!r} has {table.samples} samples, fewer than "
+            f"world_size x data.batch_size = {world_size * data_cfg.batch_size}; use a smaller batch or "
+            f"pack with a smaller --segment-len"
+        )
+    stream = TrainStream(
+        table, data_cfg, mean, std, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
+        skip_batches=max(0, skip_batches),
+    )  # fmt: skip
+    return TrainLoader(stream, data_cfg.num_workers)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+class EvalStream(IterableDataset):
+    """Whole evaluation batches of one rank; worker w builds the rank's batches w, w + W, ..."""
+
+    def __init__(self, table: SplitTable, batches, data_cfg, mean, std):
+        self.table, self.batches = table, batches
+        self.batch_size = data_cfg.eval_batch_size
+        self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = ShardReader()
+        try:
+            for j in range(wid, len(self.batches), w):
+                yield self.batch(self.batches[j], reader)
+        finally:
+            reader.close()
+
+    def batch(self, clips: list[tuple[int, int, int]], reader: ShardReader | None) -> dict:
+        t, size = self.maker.clip_len, self.maker.size
+        frames = new_frames((self.batch_size, t, 3, size, size))
+        labels = label_arrays(self.batch_size, t)
+        videos, last = [], None
+        for k in range(self.batch_size):
+            if k < len(clips):
+                shard, index, a = clips[k]
+                if last is None or last[0] != (shard, index):
+                    path = self.table.paths[shard]
+                    last = ((shard, index), parse_sample(reader.get(path, index), str(path)))
+                s = last[1]
+                b = min(a + t, len(s))
+                videos.append(s.video)
+                put_labels(labels, k, s, a, b)
+            else:  # padding clip
+                s, a, b = None, 0, 0
+                videos.append("")
+            self.maker.fill(frames[k], s, a, b, None)
+        return {"frames": frames, **labels, "video": videos}
+
+
+class EvalLoader:
+    """Evaluation batches of one rank, then all-padding batches up to ``len()``, which every rank shares."""
+
+    def __init__(self, stream: EvalStream, n_batches: int, num_workers: int):
+        self.stream, self.n_batches, self.num_workers = stream, n_batches, num_workers
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        done = 0
+        if self.stream.batches:
+            workers = min(self.num_workers, len(self.stream.batches))
+            dl = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+                            pin_memory=torch.cuda.is_available())  # fmt: skip
+            for batch in dl:
+                done += 1
+                yield to_torch(batch)
+        for _ in range(self.n_batches - done):
+            yield to_torch(self.stream.batch([], None))
+
+
+def make_eval_loader(data_cfg, split: str, *, mean, std, rank: int, world_size: int) -> EvalLoader:
+    """Every frame of every video of ``split`` exactly once across ranks, in clips of ``clip_len`` consecutive frames
+    (a segment's last clip padded), ``eval_batch_size`` clips a batch, no augmentation; ids in ``video``/``frame``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    table = SplitTable.load(data_cfg.shards, split)
+    n_batches, batches = plan_eval(table.sample_frames, data_cfg.clip_len, data_cfg.eval_batch_size, rank, world_size)
+    return EvalLoader(EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers)

@@ -1,0 +1,127 @@
+"""``manifest.json``: what `mtl pack` wrote, read back and checked once so every consumer can trust its fields.
+
+Layout (paths relative to the data root)::
+
+    {"format": "mtl-shards/1",
+     "params": {"segment_len", "shard_size", "shuffle_seed", "skip_bad_rows", "source"},
+     "inputs": {"images", "annotations" | "mtl_files"},
+     "splits": {"train": {
+         "videos", "frames", "images", "samples",
+         "shards": [{"path", "samples", "frames", "images", "bytes", "sha256", "sample_frames": [int, ...]}],
+         "tasks": {"va":   {"videos", "labeled_frames", "labeled_missing_image"},
+                   "expr": {..., "class_counts": [8]},     # over labeled_frames (valid label, image present)
+                   "au":   {..., "positive_counts": [12]}},
+         "video_frames": {video: frames}, "videos_without_images": [...],
+         "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...]},
+       "val": {...}},
+     "unlabeled_videos": [...], "warnings": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from mtl.constants import NUM_AU, NUM_EXPR, TASKS
+from mtl.errors import DataError
+
+FORMAT = "mtl-shards/1"
+_NUMBER_LIST = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]")
+MANIFEST = "manifest.json"
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Atomic write; the manifest appears only once every shard it lists is complete."""
+    path = Path(root) / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    text = json.dumps(manifest, indent=1)
+    text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)  # one line per list
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _need(cond: bool, path: Path, key: str, what: str) -> None:
+    if not cond:
+        raise DataError(f"{path}: {key}: {what}")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_split(path: Path, name: str, s: Any) -> None:
+    key = f"splits.{name}"
+    _need(isinstance(s, dict), path, key, "expected a mapping")
+    for k in ("videos", "frames", "samples"):
+        _need(_is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
+    shards = s.get("shards")
+    _need(isinstance(shards, list), path, f"{key}.shards", "expected a list")
+    for i, sh in enumerate(shards):
+        sk = f"{key}.shards[{i}]"
+        _need(isinstance(sh, dict), path, sk, "expected a mapping")
+        _need(isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
+        _need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "expected a hash")
+        for k in ("samples", "frames"):
+            _need(_is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
+        sf = sh.get("sample_frames")
+        _need(
+            isinstance(sf, list) and len(sf) == sh["samples"] and all(_is_count(x) and x > 0 for x in sf),
+            path,
+            f"{sk}.sample_frames",
+            "expected one positive frame count per sample",
+        )
+        _need(sum(sf) == sh["frames"], path, f"{sk}.frames", "does not match the sum of sample_frames")
+    _need(sum(sh["samples"] for sh in shards) == s["samples"], path, f"{key}.samples", "disagrees with the shards")
+    _need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
+    tasks = s.get("tasks")
+    _need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
+    for task in TASKS:
+        t = tasks.get(task)
+        tk = f"{key}.tasks.{task}"
+        _need(isinstance(t, dict), path, tk, "missing")
+        for k in ("labeled_frames", "labeled_missing_image"):
+            _need(_is_count(t.get(k)), path, f"{tk}.{k}", "expected a non-negative integer")
+    for task, k, n in (("expr", "class_counts", NUM_EXPR), ("au", "positive_counts", NUM_AU)):
+        v = tasks[task].get(k)
+        _need(
+            isinstance(v, list) and len(v) == n and all(_is_count(x) for x in v),
+            path,
+            f"{key}.tasks.{task}.{k}",
+            f"expected {n} non-negative integers",
+        )
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The validated manifest of a packed data root; DataError naming the file and key when missing or bad."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = " (an interrupted pack? rerun `mtl pack`)" if (root / ".pack-plan.json").exists() else ""
+        raise DataError(f"{path}: not found; is {root} a directory written by `mtl pack`?{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    _need(isinstance(manifest, dict), path, "top level", "expected a mapping")
+    _need(manifest.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {manifest.get('format')!r}")
+    _need(isinstance(manifest.get("params"), dict), path, "params", "expected a mapping")
+    splits = manifest.get("splits")
+    _need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
+    for name, s in splits.items():
+        _check_split(path, name, s)
+    return manifest
+
+
+def split_entry(manifest: dict, split: str, root: str | Path) -> dict:
+    """One split of a manifest; DataError listing the splits there are when it is absent or empty."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise DataError(f"{Path(root) / MANIFEST}: no split {split!r} (have {', '.join(splits)})")
+    entry = splits[split]
+    if entry["samples"] == 0:
+        raise DataError(f"{Path(root) / MANIFEST}: split {split!r} has no samples")
+    return entry

@@ -1,0 +1,433 @@
+"""`mtl pack`: an Aff-Wild2 release (images + ABAW tree or MTL-track files) -> WebDataset shards + manifest.json.
+
+Each split's videos are cut into segments of ``segment_len`` consecutive frames (a tail shorter than half a segment
+joins the one before it, so no sample is a few frames long). Segments are samples; ``shard_size`` samples make a
+shard. The train split's samples are put in a seeded random order before sharding, so any shard mixes many videos
+and a streaming reader with a small shuffle buffer still sees varied batches; other splits stay in (video, frame)
+order for evaluation.
+
+Restartable: the plan (a function of the inputs and parameters only) is fingerprinted in ``.pack-plan.json``;
+shards are written to ``.tmp`` and renamed when complete, so a rerun after an interruption keeps every ``*.tar``
+it finds (untouched) and writes only the rest. Same input -> byte-identical shards, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mtl.constants import NUM_AU, NUM_EXPR, TASKS
+from mtl.data.manifest import FORMAT, MANIFEST, write_manifest
+from mtl.data.records import ParseLog, SplitLabels
+from mtl.data.shardio import JPEG_MAGIC, encode_sample, write_shard
+from mtl.errors import DataError
+
+PLAN_FILE = ".pack-plan.json"
+_FRAME_NAME = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
+_LABEL_KEYS = ("va", "va_valid", "expr", "expr_valid", "au", "au_valid")
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+@dataclass
+class VideoImages:
+    """The JPEGs of one ``cropped_aligned/<video>`` folder: frame numbers, sizes, mtimes, and odd file names."""
+
+    folder: Path | None
+    frames: np.ndarray  # int64, sorted
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    names: dict[int, str] | None  # None when every name is the usual NNNNN.jpg
+
+    @property
+    def last(self) -> int:
+        return int(self.frames[-1]) if len(self.frames) else 0
+
+    def name(self, frame: int) -> str:
+        return self.names[frame] if self.names is not None else f"{frame:05d}.jpg"
+
+
+def scan_video(folder: Path) -> VideoImages:
+    if not folder.is_dir():
+        return VideoImages(None, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), None)
+    rows = []
+    for entry in os.scandir(folder):
+        m = _FRAME_NAME.match(entry.name)
+        if not m or not entry.is_file():
+            continue
+        frame = int(m.group(1))
+        if frame < 1:
+            continue
+        st = entry.stat()
+        if st.st_size == 0:
+            raise DataError(f"{folder / entry.name}: empty image file (delete it: the frame then has no image)")
+        rows.append((frame, st.st_size, st.st_mtime_ns, entry.name))
+    rows.sort()
+    for a, b in zip(rows, rows[1:]):
+        if a[0] == b[0]:
+            raise DataError(f"{folder}: frame {a[0]} has two images ({a[3]}, {b[3]})")
+    frames = np.array([r[0] for r in rows], np.int64)
+    names = {r[0]: r[3] for r in rows}
+    usual = all(name == f"{f:05d}.jpg" for f, name in names.items())
+    return VideoImages(
+        folder,
+        frames,
+        np.array([r[1] for r in rows], np.int64),
+        np.array([r[2] for r in rows], np.int64),
+        None if usual else names,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class PackedVideo:
+    name: str
+    n: int  # frames 1..n
+    labels: dict[str, np.ndarray]  # dense, see VideoLabels.dense
+    has_image: np.ndarray  # bool [n]
+    images: VideoImages
+    tasks: tuple[str, ...]  # tasks with an annotation for this video
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.name}|{self.n}|{','.join(self.tasks)}".encode())
+        for k in _LABEL_KEYS:
+            h.update(np.ascontiguousarray(self.labels[k]).tobytes())
+        for arr in (self.images.frames, self.images.sizes, self.images.mtimes):
+            h.update(arr.tobytes())
+        if self.images.names is not None:
+            h.update(json.dumps(sorted(self.images.names.items())).encode())
+        return h.hexdigest()
+
+
+def build_video(name: str, labels, images: VideoImages) -> PackedVideo:
+    n = max(labels.rows, images.last)
+    dense = labels.dense(n)
+    dense["expr"] = dense["expr"].astype(np.int8)
+    dense["au"] = dense["au"].astype(np.int8)
+    has_image = np.zeros(n, bool)
+    has_image[images.frames - 1] = True
+    return PackedVideo(name, n, dense, has_image, images, tuple(t for t in TASKS if t in labels.tasks))
+
+
+def segments(n: int, segment_len: int) -> list[tuple[int, int]]:
+    """[(start, stop)) 0-based frame ranges; a tail shorter than half a segment joins the previous one."""
+    cuts = list(range(0, n, segment_len)) + [n]
+    spans = list(zip(cuts, cuts[1:]))
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < segment_len / 2:
+        (a, _), (_, d) = spans[-2], spans[-1]
+        spans[-2:] = [(a, d)]
+    return spans
+
+
+def plan_split(videos: list[PackedVideo], segment_len: int, shuffle: bool, seed: int) -> list[tuple[int, int, int]]:
+    """(video index, start, stop) per sample, in the order they go into shards."""
+    samples = [(i, a, b) for i, v in enumerate(videos) for a, b in segments(v.n, segment_len)]
+    if shuffle:
+        order = np.random.default_rng([seed, 0x9ACC]).permutation(len(samples))
+        samples = [samples[i] for i in order]
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_jpeg(path: Path) -> bytes:
+    data = path.read_bytes()
+    if not data.startswith(JPEG_MAGIC):
+        raise DataError(f"{path}: not a JPEG file (delete or replace it: without it the frame has no image)")
+    return data
+
+
+def write_shard_job(job: dict) -> dict:
+    """Runs in a pack worker: read the JPEGs of one shard's samples and write the shard."""
+    samples = []
+    for i, s in enumerate(job["samples"]):
+        jpegs = [None if name is None else _read_jpeg(Path(s["folder"]) / name) for name in s["names"]]
+        lab = s["labels"]
+        meta = {
+            "video": s["video"],
+            "frames": s["frames"],
+            **{k: lab[k].astype(int).tolist() if k.endswith("_valid") else lab[k].tolist() for k in _LABEL_KEYS},
+        }
+        samples.append(encode_sample(i, meta, jpegs))
+    path = Path(job["path"])
+    write_shard(path, samples)
+    return {"path": job["rel"], "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _shard_jobs(out: Path, split: str, videos: list[PackedVideo], plan, shard_size: int) -> Iterator[dict]:
+    for k, start in enumerate(range(0, len(plan), shard_size)):
+        rel = f"{split}/{k:06d}.tar"
+        samples = []
+        for vi, a, b in plan[start : start + shard_size]:
+            v = videos[vi]
+            frames = list(range(a + 1, b + 1))
+            samples.append(
+                {
+                    "video": v.name,
+                    "folder": str(v.images.folder) if v.images.folder else "",
+                    "frames": frames,
+                    "names": [v.images.name(f) if v.has_image[f - 1] else None for f in frames],
+                    "labels": {key: v.labels[key][a:b] for key in _LABEL_KEYS},
+                }
+            )
+        yield {
+            "rel": rel,
+            "path": str(out / rel),
+            "samples": samples,
+            "frames": [len(s["frames"]) for s in samples],
+            "images": sum(sum(n is not None for n in s["names"]) for s in samples),
+        }
+
+
+def _run_jobs(jobs: list[dict], workers: int, progress: bool, done: dict[str, dict]) -> None:
+    """Write the shards not already done, ``workers`` at a time, at most 2 per worker queued (memory)."""
+    todo = [j for j in jobs if j["rel"] not in done]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="pack", unit="shard", disable=not progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for job in todo:
+                done[job["rel"]] = write_shard_job(job)
+                bar.update(1)
+            return
+        with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+            pending: set[cf.Future] = set()
+            it = iter(todo)
+            while True:
+                while len(pending) < 2 * workers:
+                    job = next(it, None)
+                    if job is None:
+                        break
+                    pending.add(pool.submit(write_shard_job, job))
+                if not pending:
+                    break
+                finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    try:
+                        res = fut.result()
+                    except BaseException:
+                        for p in pending:
+                            p.cancel()
+                        raise
+                    done[res["path"]] = res
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]) -> None:
+    """Refuse to mix two different packs in one folder; drop leftovers of an interrupted write."""
+    plan_path = out / PLAN_FILE
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            old = None
+        same = old == fingerprint
+    else:
+        old_tars = any(any((out / s).glob("*.tar")) for s in ("train", "val", *splits))
+        same = not (out / MANIFEST).exists() and not old_tars
+    if not same:
+        if not overwrite:
+            raise DataError(
+                f"{out} holds a pack of other input or parameters; pass --overwrite to replace it, or another --out"
+            )
+        for name in ("train", "val", *splits):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+        (out / MANIFEST).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        (out / split).mkdir(exist_ok=True)
+        for tmp in (out / split).glob("*.tmp"):
+            tmp.unlink()
+    tmp = plan_path.with_name(PLAN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": fingerprint}) + "\n")
+    os.replace(tmp, plan_path)
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def split_stats(videos: list[PackedVideo]) -> dict:
+    tasks = {t: {"videos": 0, "labeled_frames": 0, "labeled_missing_image": 0} for t in TASKS}
+    class_counts = np.zeros(NUM_EXPR, np.int64)
+    positive_counts = np.zeros(NUM_AU, np.int64)
+    for v in videos:
+        for t in TASKS:
+            valid = v.labels[f"{t}_valid"]
+            tasks[t]["videos"] += t in v.tasks
+            tasks[t]["labeled_frames"] += int((valid & v.has_image).sum())
+            tasks[t]["labeled_missing_image"] += int((valid & ~v.has_image).sum())
+        sel = v.labels["expr_valid"] & v.has_image
+        class_counts += np.bincount(v.labels["expr"][sel], minlength=NUM_EXPR)
+        sel = v.labels["au_valid"] & v.has_image
+        positive_counts += v.labels["au"][sel].sum(0, dtype=np.int64)
+    tasks["expr"]["class_counts"] = class_counts.tolist()
+    tasks["au"]["positive_counts"] = positive_counts.tolist()
+    return {
+        "videos": len(videos),
+        "frames": int(sum(v.n for v in videos)),
+        "images": int(sum(int(v.has_image.sum()) for v in videos)),
+        "tasks": tasks,
+        "video_frames": {v.name: v.n for v in videos},
+        "videos_without_images": [v.name for v in videos if v.images.folder is None],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def _read_labels(annotations: Path | None, mtl_files: dict[str, Path] | None, log: ParseLog) -> SplitLabels:
+    if (annotations is None) == (not mtl_files):
+        raise DataError("give either an ABAW annotations folder or MTL-track files (not both, not neither)")
+    if annotations is not None:
+        from mtl.data.abaw import parse_abaw
+
+        return parse_abaw(Path(annotations), log)
+    from mtl.data.mtl_track import parse_mtl
+
+    return parse_mtl({k: Path(v) for k, v in mtl_files.items()}, log)
+
+
+def pack(
+    images: Path,
+    annotations: Path | None,
+    out: Path,
+    segment_len: int = 64,
+    shard_size: int = 256,
+    workers: int = 1,
+    skip_bad_rows: bool = False,
+    *,
+    mtl_files: dict[str, Path] | None = None,
+    shuffle_seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Pack a release into ``out`` and return the manifest written to ``out/manifest.json``.
+
+    ``images``: the ``cropped_aligned`` folder. ``annotations``: the folder holding the ``<Task>_Challenge``
+    folders, or None with ``mtl_files={"train": file, "val": file}`` for the MTL track's single-file format.
+    """
+    images, out = Path(images), Path(out)
+    for name, value, low in (("segment_len", segment_len, 1), ("shard_size", shard_size, 1), ("workers", workers, 1)):
+        if not isinstance(value, int) or value < low:
+            raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not images.is_dir():
+        raise DataError(f"images folder not found: {images}")
+    log = ParseLog(skip_bad_rows=skip_bad_rows)
+    labels = _read_labels(annotations, mtl_files, log)
+
+    image_dirs = {e.name for e in os.scandir(images) if e.is_dir()}
+    per_split: dict[str, list[PackedVideo]] = {}
+    for split, vids in labels.items():
+        if vids:
+            per_split[split] = [build_video(name, vids[name], scan_video(images / name)) for name in sorted(vids)]
+    if not per_split:
+        raise DataError(f"no labelled video found in {annotations or mtl_files}")
+    all_videos = [v for vs in per_split.values() for v in vs]
+    if all(v.images.folder is None for v in all_videos):
+        raise DataError(f"{images}: none of the {len(all_videos)} labelled videos has an image folder here")
+    for v in all_videos:
+        if v.images.folder is None:
+            log.warnings.append(f"{images / v.name}: no image folder; all {v.n} frames of {v.name} have no image")
+
+    params = {
+        "segment_len": segment_len,
+        "shard_size": shard_size,
+        "shuffle_seed": shuffle_seed,
+        "shuffled_splits": ["train"],
+        "skip_bad_rows": skip_bad_rows,
+        "source": "abaw" if annotations is not None else "mtl-track",
+        "sample_format": "key.json (labels) + key.jpgs (concatenated original JPEGs)",
+    }
+    fp = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for split, vids in sorted(per_split.items()):
+        fp.update(split.encode())
+        for v in vids:
+            fp.update(v.digest().encode())
+    fingerprint = fp.hexdigest()
+    _prepare_out(out, fingerprint, overwrite, list(per_split))
+
+    plans = {s: plan_split(v, segment_len, s == "train", shuffle_seed) for s, v in per_split.items()}
+    jobs = [j for s in per_split for j in _shard_jobs(out, s, per_split[s], plans[s], shard_size)]
+    done: dict[str, dict] = {}
+    for job in jobs:  # complete shards from an interrupted run: kept as they are, only hashed
+        path = Path(job["path"])
+        if path.is_file():
+            done[job["rel"]] = {"path": job["rel"], "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _run_jobs(jobs, workers, progress, done)
+
+    splits = {}
+    for split, vids in per_split.items():
+        shards = [
+            {
+                "path": j["rel"],
+                "samples": len(j["frames"]),
+                "frames": sum(j["frames"]),
+                "images": j["images"],
+                "bytes": done[j["rel"]]["bytes"],
+                "sha256": done[j["rel"]]["sha256"],
+                "sample_frames": j["frames"],
+            }
+            for j in jobs
+            if j["rel"].startswith(split + "/")
+        ]
+        stats = split_stats(vids)
+        splits[split] = {
+            "videos": stats.pop("videos"),
+            "frames": stats.pop("frames"),
+            "images": stats.pop("images"),
+            "samples": len(plans[split]),
+            "shards": shards,
+            **stats,
+            "bad_rows_skipped": log.bad_rows.get(split, 0),
+            "bad_rows": log.listed.get(split, []),
+            "skipped_files": log.skipped_files.get(split, []),
+        }
+    labelled = {v.name for v in all_videos}
+    unlabeled = sorted(image_dirs - labelled)
+    inputs = {"images": str(images)}
+    if annotations is not None:
+        inputs["annotations"] = str(annotations)
+    else:
+        inputs["mtl_files"] = {k: str(v) for k, v in sorted(mtl_files.items())}
+    manifest = {
+        "format": FORMAT,
+        "params": params,
+        "inputs": inputs,
+        "splits": splits,
+        "unlabeled_videos": unlabeled,
+        "warnings": log.warnings,
+    }
+    write_manifest(out, manifest)
+    for w in log.warnings[:20]:
+        print(f"mtl pack: warning: {w}", file=sys.stderr)
+    if len(log.warnings) > 20:
+        print(f"mtl pack: {len(log.warnings) - 20} more warnings in {out / MANIFEST}", file=sys.stderr)
+    return manifest

@@ -1,0 +1,201 @@
+"""The one place that knows how a sample sits in a shard; pack writes with it, verify and the loaders read with it.
+
+A sample is one segment of consecutive frames of one video, stored as two tar members under the key
+``NNNNNN`` (its index in the shard):
+
+- ``NNNNNN.jpgs``: the original JPEG files of the frames that have one, concatenated byte for byte (never
+  re-encoded). One member per segment instead of one per frame: a 64-frame sample costs one tar header and one
+  read, not 64, and the loader decodes them as a batch.
+- ``NNNNNN.json``: ``video``, ``frames`` (1-based numbers), ``has_image`` and ``jpeg_sizes`` (0 where no image) per
+  frame, and per-frame labels with their validity: ``va`` [[v, a]], ``expr``, ``au`` [[12]], ``*_valid`` (0/1);
+  labels are 0 where invalid.
+
+No pickle: JSON and raw JPEG bytes only. Shards are plain, uncompressed, USTAR tars with fixed member metadata
+(mtime 0, no owner) so the same input gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from webdataset.tariterators import group_by_keys
+from webdataset.writer import TarWriter
+
+from mtl.constants import NUM_AU, NUM_EXPR
+from mtl.errors import DataError
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:06d}"
+
+
+def encode_sample(index: int, meta: dict, jpegs: list[bytes | None]) -> dict:
+    """A TarWriter sample; ``meta`` holds video, frames and labels; ``jpegs`` one entry per frame (None: no image)."""
+    sizes = [0 if j is None else len(j) for j in jpegs]
+    meta = {**meta, "has_image": [int(s > 0) for s in sizes], "jpeg_sizes": sizes}
+    blob = b"".join(j for j in jpegs if j is not None)
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return {"__key__": sample_key(index), "json": text.encode("utf-8"), "jpgs": blob}
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    """Write atomically: a ``.tmp`` file, fsync, then rename, so a file named ``*.tar`` is always complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            with TarWriter(f, user="", group="", mode=0o644, encoder=False, mtime=0) as writer:
+                for sample in samples:
+                    writer.write(sample)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _member_index(name: str) -> int:
+    stem = name.split("/")[-1].split(".", 1)[0]
+    return int(stem) if stem.isdigit() else -1
+
+
+def read_raw(path: Path, first: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples (``__key__``, ``json``, ``jpgs`` bytes) with index in [first, stop), in shard order.
+
+    Opens the tar seekable ("r:"), so members before ``first`` are skipped by seeking over them, not read: a worker
+    that starts in the middle of a shard pays for the headers only. Grouping of members into samples is
+    webdataset's own ``group_by_keys``.
+    """
+
+    def members() -> Iterator[dict]:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                if not info.isreg():
+                    continue
+                idx = _member_index(info.name)
+                if idx < first:
+                    continue
+                if stop is not None and idx >= stop:
+                    break
+                yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": str(path)}
+
+    try:
+        for raw in group_by_keys(members()):
+            raw["__index__"] = _member_index(raw["__key__"])
+            yield raw
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc}); run `mtl shards verify`") from None
+
+
+class ShardReader:
+    """Random access to samples by index, for the evaluation loader (whose workers take every W-th batch).
+
+    The tar's headers are read once (seeking over the data); a sample then costs one seek and one read per member.
+    Keeps one shard open at a time: workers move through shards in order.
+    """
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._index: dict[int, dict[str, tarfile.TarInfo]] = {}
+
+    def _open(self, path: Path) -> None:
+        self.close()
+        try:
+            tar = tarfile.open(path, "r:")
+            index: dict[int, dict[str, tarfile.TarInfo]] = {}
+            for info in tar.getmembers():
+                if info.isreg():
+                    key, _, ext = info.name.split("/")[-1].partition(".")
+                    if key.isdigit():
+                        index.setdefault(int(key), {})[ext] = info
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: unreadable shard ({exc}); run `mtl shards verify`") from None
+        self._path, self._tar, self._index = path, tar, index
+
+    def get(self, path: Path, index: int) -> dict:
+        if path != self._path:
+            self._open(path)
+        members = self._index.get(index)
+        if members is None:
+            raise DataError(f"{path}: no sample {sample_key(index)}; run `mtl shards verify`")
+        try:
+            raw = {ext: self._tar.extractfile(info).read() for ext, info in members.items()}
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: unreadable sample {sample_key(index)} ({exc})") from None
+        return {"__key__": sample_key(index), "__index__": index, **raw}
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._path, self._tar, self._index = None, None, {}
+
+
+@dataclass
+class Sample:
+    """A parsed sample: per-frame arrays of length S and the JPEG bytes of the frames that have one."""
+
+    video: str
+    frames: np.ndarray  # int64 [S]
+    has_image: np.ndarray  # bool [S]
+    offsets: np.ndarray  # int64 [S + 1]; frame i's JPEG is blob[offsets[i]:offsets[i + 1]] (empty if none)
+    blob: bytes
+    labels: dict[str, np.ndarray]  # va [S,2] f32, va_valid, expr [S] i64, expr_valid, au [S,12] f32, au_valid
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def parse_sample(raw: dict, where: str) -> Sample:
+    """Check a raw sample's structure and turn it into arrays; DataError naming ``where`` if it is inconsistent."""
+    if "json" not in raw or "jpgs" not in raw:
+        raise DataError(f"{where}: sample {raw.get('__key__')} lacks its .json or .jpgs member")
+    try:
+        meta = json.loads(raw["json"])
+        frames = np.asarray(meta["frames"], np.int64)
+        n = len(frames)
+        sizes = np.asarray(meta["jpeg_sizes"], np.int64)
+        has_image = np.asarray(meta["has_image"], bool)
+        labels = {
+            "va": np.asarray(meta["va"], np.float32).reshape(n, 2),
+            "va_valid": np.asarray(meta["va_valid"], bool),
+            "expr": np.asarray(meta["expr"], np.int64),
+            "expr_valid": np.asarray(meta["expr_valid"], bool),
+            "au": np.asarray(meta["au"], np.float32).reshape(n, NUM_AU),
+            "au_valid": np.asarray(meta["au_valid"], bool),
+        }
+        video = str(meta["video"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where}: sample {raw['__key__']} has bad metadata ({exc})") from None
+    blob = raw["jpgs"]
+    problems = []
+    if n == 0:
+        problems.append("no frames")
+    for name, arr in (("jpeg_sizes", sizes), ("has_image", has_image), *labels.items()):
+        if len(arr) != n:
+            problems.append(f"{name} has {len(arr)} entries for {n} frames")
+    if not problems:
+        if (sizes < 0).any() or not np.array_equal(sizes > 0, has_image):
+            problems.append("jpeg_sizes disagree with has_image")
+        if int(sizes.sum()) != len(blob):
+            problems.append(f"JPEG sizes add up to {int(sizes.sum())} bytes, the .jpgs member has {len(blob)}")
+        if (labels["expr"] < 0).any() or (labels["expr"] >= NUM_EXPR).any():
+            problems.append("expression class out of range")
+    if problems:
+        raise DataError(f"{where}: sample {raw['__key__']}: {'; '.join(problems)}")
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return Sample(video, frames, has_image, offsets, blob, labels)

@@ -1,0 +1,203 @@
+"""The loaders on real shards: batch contract, one augmentation per clip, rank/worker splits, resume, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import make_release
+from PIL import Image
+
+from mtl.config import DataConfig
+from mtl.data.abaw import parse_abaw
+from mtl.data.loader import make_eval_loader, make_train_loader
+from mtl.data.manifest import read_manifest
+from mtl.data.pack import pack
+from mtl.data.records import ParseLog
+from mtl.data.shardio import parse_sample, read_raw
+from mtl.errors import DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+FIELDS = {
+    "frames": torch.float32, "has_image": torch.bool, "pad": torch.bool, "va": torch.float32,
+    "va_valid": torch.bool, "expr": torch.int64, "expr_valid": torch.bool, "au": torch.float32,
+    "au_valid": torch.bool, "frame": torch.int64,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("loader")
+    images, ann = make_release(base / "release")
+    shards = base / "shards"
+    pack(images, ann, shards, segment_len=4, shard_size=3, progress=False)
+    labels = parse_abaw(ann, ParseLog())
+    samples = []  # global sample index -> (video, frames), in manifest order
+    for split in ("train", "val"):
+        for sh in read_manifest(shards)["splits"][split]["shards"]:
+            samples += [(split, parse_sample(r, "").video, parse_sample(r, "").frames.tolist())
+                        for r in read_raw(shards / sh["path"])]  # fmt: skip
+    return {"images": images, "shards": shards, "labels": labels, "samples": samples}
+
+
+def cfg_for(data, **kw) -> DataConfig:
+    base = DataConfig(shards=str(data["shards"]), clip_len=3, batch_size=2, eval_batch_size=2, num_workers=0,
+                      image_size=16, shuffle_buffer=4)  # fmt: skip
+    return replace(base, **kw)
+
+
+def truth(data, split: str, video: str, frame: int) -> dict:
+    """Labels of one frame straight from the annotation files."""
+    vl = data["labels"][split][video]
+    dense = vl.dense(max(vl.rows, frame))
+    return {k: v[frame - 1] for k, v in dense.items()}
+
+
+def check_batch(data, batch: dict, split: str, videos: list[str], batch_size: int, clip_len: int) -> None:
+    for k, dt in FIELDS.items():
+        assert batch[k].dtype == dt, k
+        assert batch[k].shape[:2] == (batch_size, clip_len), k
+    assert batch["frames"].shape[2:] == (3, 16, 16)
+    assert batch["va"].shape[2] == 2 and batch["au"].shape[2] == 12
+    pad, has = batch["pad"], batch["has_image"]
+    assert not (pad & has).any()
+    for k in ("va_valid", "expr_valid", "au_valid"):
+        assert not (pad & batch[k]).any()
+    assert (batch["frames"][~has] == 0).all()
+    assert (batch["frame"][pad] == 0).all()
+    for b in range(batch_size):
+        f = batch["frame"][b][~pad[b]].tolist()
+        assert f == list(range(f[0], f[0] + len(f))) if f else True  # consecutive frames of one video
+        for t, frame in enumerate(batch["frame"][b].tolist()):
+            if pad[b, t]:
+                continue
+            want = truth(data, split, videos[b], frame)
+            src = data["images"] / videos[b] / f"{frame:05d}.jpg"
+            assert bool(has[b, t]) == src.exists()
+            for k in ("va_valid", "expr_valid", "au_valid"):
+                assert bool(batch[k][b, t]) == bool(want[k]), (videos[b], frame, k)
+            assert batch["va"][b, t].tolist() == pytest.approx(want["va"].tolist())
+            assert int(batch["expr"][b, t]) == int(want["expr"])
+            assert batch["au"][b, t].tolist() == want["au"].tolist()
+
+
+def test_train_batches_follow_the_contract(data):
+    cfg = cfg_for(data)
+    loader = make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=0, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    for batch in batches:
+        videos = [data["samples"][int(i)][1] for i in batch["sample"]]
+        check_batch(data, batch, "train", videos, cfg.batch_size, cfg.clip_len)
+        assert batch["frames"][batch["has_image"]].abs().sum() > 0
+
+
+def test_one_random_augmentation_per_clip(data):
+    """vidS shows the same picture in every frame: each of its clips must have identical frames, and the
+    augmentation must differ between clips and epochs (it is random, not a no-op)."""
+    cfg = cfg_for(data, clip_len=4, batch_size=1)
+    clips = []
+    for epoch in range(3):
+        for batch in make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=epoch, seed=1):
+            if data["samples"][int(batch["sample"][0])][1] == "vidS":
+                x = batch["frames"][0][batch["has_image"][0]]
+                assert len(x) == 4 and all(torch.equal(x[0], x[i]) for i in range(4))
+                clips.append(x[0])
+    assert len(clips) == 15  # 5 segments of vidS x 3 epochs
+    assert len({c.sum().item() for c in clips}) > 10
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(data):
+    n = sum(1 for s in data["samples"] if s[0] == "train")
+    for batch_size in (1, 4, 5):  # 12 samples: 1 divides evenly over 2 ranks; 4 and 5 drop a remainder
+        cfg = cfg_for(data, batch_size=batch_size, num_workers=2)
+        dropped = []
+        for epoch in range(2):
+            seen, lengths = [], []
+            for rank in (0, 1):
+                loader = make_train_loader(cfg, mean=MEAN, std=STD, rank=rank, world_size=2, epoch=epoch, seed=3)
+                ids = [int(i) for b in loader for i in b["sample"]]
+                assert len(ids) == len(loader) * batch_size
+                lengths.append(len(loader))
+                seen += ids
+            assert lengths[0] == lengths[1] == n // (2 * batch_size)
+            assert len(seen) == len(set(seen)) == n - n % (2 * batch_size)  # each sample at most once
+            dropped.append(set(range(n)) - set(seen))
+        if n % (2 * batch_size):
+            assert dropped[0] != dropped[1]  # a different remainder each epoch
+        else:
+            assert dropped == [set(), set()]
+
+
+def test_skip_batches_resumes_exactly_where_the_epoch_stopped(data):
+    cfg = cfg_for(data, batch_size=1, num_workers=2)
+    full = list(make_train_loader(cfg, mean=MEAN, std=STD, rank=1, world_size=2, epoch=4, seed=0))
+    for skip in (1, 4):
+        tail = make_train_loader(cfg, mean=MEAN, std=STD, rank=1, world_size=2, epoch=4, seed=0, skip_batches=skip)
+        rest = list(tail)
+        assert len(tail) == len(full) and tail.remaining == len(full) - skip == len(rest)
+        for a, b in zip(full[skip:], rest):
+            assert torch.equal(a["sample"], b["sample"]) and torch.equal(a["frames"], b["frames"])
+    assert list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=0, seed=0,
+                                  skip_batches=10_000)) == []  # fmt: skip
+
+
+def test_worker_count_does_not_change_what_a_rank_sees(data):
+    ids = []
+    for workers in (0, 1, 2):
+        cfg = cfg_for(data, num_workers=workers)
+        ids.append(sorted(int(i) for b in make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=1,
+                                                             seed=0) for i in b["sample"]))  # fmt: skip
+    assert ids[0] == ids[1] == ids[2]
+
+
+def test_too_few_samples_for_the_world_is_an_error(data):
+    cfg = cfg_for(data, batch_size=64)
+    with pytest.raises(DataError, match="fewer than world_size x data.batch_size"):
+        make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=0, seed=0)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_eval_covers_every_frame_once_across_two_ranks_in_order(data, split):
+    cfg = cfg_for(data, num_workers=2, clip_len=3, eval_batch_size=2)
+    frames = read_manifest(data["shards"])["splits"][split]["video_frames"]
+    seen, lengths = [], []
+    for rank in (0, 1):
+        loader = make_eval_loader(cfg, split, mean=MEAN, std=STD, rank=rank, world_size=2)
+        batches = list(loader)
+        lengths.append(len(loader))
+        assert len(batches) == len(loader)
+        order = []
+        for batch in batches:
+            check_batch(data, batch, split, batch["video"], cfg.eval_batch_size, cfg.clip_len)
+            for b, video in enumerate(batch["video"]):
+                assert (video == "") == bool(batch["pad"][b].all())
+                order += [(video, f) for f in batch["frame"][b][~batch["pad"][b]].tolist()]
+        if split == "val":  # unshuffled split: each rank's frames come in (video, frame) order
+            assert order == sorted(order)
+        seen += order
+    assert lengths[0] == lengths[1]
+    assert sorted(seen) == sorted((v, f) for v, n in frames.items() for f in range(1, n + 1))
+
+
+def test_eval_frames_are_the_decoded_images_normalised(data):
+    cfg = cfg_for(data, clip_len=4)
+    batch = next(iter(make_eval_loader(cfg, "val", mean=MEAN, std=STD, rank=0, world_size=1)))
+    for t, frame in enumerate(batch["frame"][0].tolist()):
+        img = np.asarray(Image.open(data["images"] / "vidC" / f"{frame:05d}.jpg").convert("RGB"), np.float32)
+        want = (torch.from_numpy(img).permute(2, 0, 1) / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(
+            STD
+        ).view(3, 1, 1)
+        assert torch.allclose(batch["frames"][0, t], want, atol=2 / 255 / min(STD))
+
+
+def test_eval_pads_short_ranks_with_empty_batches(data):
+    cfg = cfg_for(data, clip_len=8, eval_batch_size=1)  # val: 2 segments of 4 frames -> 2 clips
+    loaders = [make_eval_loader(cfg, "val", mean=MEAN, std=STD, rank=r, world_size=3) for r in range(3)]
+    assert [len(x) for x in loaders] == [1, 1, 1]
+    first = list(loaders[0])  # 2 clips over 3 ranks: rank 0 has none, and still runs one (empty) batch
+    assert len(first) == 1 and first[0]["video"] == [""] and first[0]["pad"].all()
+    assert [b["video"] for r in (1, 2) for b in loaders[r]] == [["vidC"], ["vidC"]]
