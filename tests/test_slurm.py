@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,17 @@ from mtl.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "5"]
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(slurm_cluster: str) -> Iterator[None]:
+    """A failed test must not leave its job holding the 2 CPUs that the next tests need."""
+    before = job_ids()
+    yield
+    left = sorted(job_ids() - before)
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True)
 
 
 def _client(db: Path) -> MlflowClient:
@@ -38,6 +49,16 @@ def _runs(db: Path, experiment: str = "mtl-smoke") -> list:
 
 def _steps(db: Path, run_id: str, key: str = "train/loss") -> list[int]:
     return sorted(m.step for m in _client(db).get_metric_history(run_id, key))
+
+
+def _submit(monkeypatch, capsys, *argv: str) -> str:
+    """`mtl submit ...` in this process (its imports are paid once); returns what it printed."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits the submitting environment
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc = main(["submit", *argv])
+    printed = capsys.readouterr()
+    assert rc == 0, f"{printed.out}\n{printed.err}"
+    return printed.out
 
 
 def _job_id(stdout: str) -> str:
@@ -77,14 +98,13 @@ STOPS = {"usr2": ["scancel", "--signal=USR2"], "scontrol-requeue": ["scontrol", 
 
 @pytest.mark.parametrize("how", list(STOPS))
 def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
-    how: str, slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+    how: str, slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
     # ~50 ms a step here: 100 steps leave seconds between the first checkpoint (step 10) and the end.
     args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10", "train.keep_last=5")
-    proc = ok(mtl("submit", "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
-                  "--folder", str(folder)))  # fmt: skip
-    job = _job_id(proc.stdout)
+    job = _job_id(_submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                          "--folder", str(folder)))  # fmt: skip
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
     subprocess.run([*STOPS[how], job], check=True)
     info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
@@ -104,13 +124,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
     assert "restart 1" in err
 
 
-def test_cancelled_job_saves_and_stays_cancelled(slurm_cluster: str, tiny_shards: Path, tmp_path: Path) -> None:
+def test_cancelled_job_saves_and_stays_cancelled(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """scancel is the user's decision: the job checkpoints on SIGTERM but is not requeued."""
     out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
     args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10")
-    proc = ok(mtl("submit", "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
-                  "--folder", str(folder)))  # fmt: skip
-    job = _job_id(proc.stdout)
+    job = _job_id(_submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                          "--folder", str(folder)))  # fmt: skip
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
     subprocess.run(["scancel", job], check=True)
     info = wait_for_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
@@ -137,7 +158,7 @@ def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(
         "MTL": f"{sys.executable} -m mtl.cli",
     }
     proc = ok(run(["sbatch", "--parsable", "--partition", slurm_cluster, "--gpus-per-node=0", "--ntasks-per-node=2",
-                   "--cpus-per-task=1", "--time=10", f"--output={log}", str(REPO / "slurm" / "train-1node.sbatch"),
+                   "--cpus-per-task=1", "--time=5", f"--output={log}", str(REPO / "slurm" / "train-1node.sbatch"),
                    *args[2:]], env=env))  # fmt: skip
     job = proc.stdout.strip().split(";")[0]
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
@@ -165,14 +186,11 @@ def test_sweep_is_one_array_with_child_runs_under_one_parent(
         "base": {"train.max_steps": 4, "train.ckpt_every": 4},
         "runs": [{"model.mask.prob": 0.1}, {"model.mask.prob": 0.4}],
     }))  # fmt: skip
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit the submitting environment
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # One task per element, so that both elements run at once on the 2 CPUs.
-    rc = main(["submit", "--sweep", str(sweep), "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db),
-               "--partition", slurm_cluster, "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1",
-               "--time", "10", "--folder", str(tmp_path / "slurm" / "%j"), "--wait"])  # fmt: skip
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    printed = _submit(monkeypatch, capsys, "--sweep", str(sweep), "--config", str(SMOKE),
+                      *smoke_overrides(tiny_shards, out, db), "--partition", slurm_cluster, "--gpus-per-node", "0",
+                      "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "5",
+                      "--folder", str(tmp_path / "slurm" / "%j"), "--wait")  # fmt: skip
     array = re.search(r"submitted job array (\d+) with 2 element", printed).group(1)
     assert f"{array}_0" in printed and f"{array}_1" in printed
 

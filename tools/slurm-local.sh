@@ -187,7 +187,25 @@ stop_slurm() {
     stop_daemon slurmctld "$STATE/slurmctld.pid"
 }
 
+cancel_jobs() {
+    # Jobs left running when slurmd stops would come back as "running" with the next `up` and hold the CPUs
+    # until their time limit: cancel them and let them end first.
+    pid_alive "$STATE/slurmctld.pid" || return 0
+    local ids
+    ids=$(squeue --noheader --format=%A 2>/dev/null | tr '\n' ' ')
+    [[ -n ${ids// /} ]] || return 0
+    log "cancelling jobs: $ids"
+    # shellcheck disable=SC2086
+    scancel $ids 2>/dev/null || true
+    for _ in $(seq 120); do
+        [[ -z $(squeue --noheader --format=%A 2>/dev/null) ]] && return 0
+        sleep 0.5
+    done
+    log "some jobs did not end within 60 s; stopping anyway"
+}
+
 down() {
+    cancel_jobs
     stop_slurm
     stop_daemon munged /run/munge/munged.pid
     log "down"

@@ -149,6 +149,8 @@ def outcome(q: Queued, state: str | None) -> Outcome:
         except Exception as exc:  # the job raised: submitit's message carries the traceback
             lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("---")]
             return Outcome("FAILED", None, "\n".join(lines[-12:]))
+        if state not in (None, "COMPLETED"):  # rank 0 is done, but another rank failed or was killed
+            return Outcome(state, result, f"rank 0 finished; see the other ranks' logs in {t0.paths.folder}")
         return Outcome("COMPLETED", result, "")
     detail = _tail(t0.paths.stderr) or f"no output; see {t0.paths.stdout}"
     return Outcome(state or "UNKNOWN", None, detail)
@@ -167,13 +169,12 @@ def wait_all(queued: Sequence[Queued], out: Printer = echo, poll_s: float = 2.0,
             if state != states.get(job_id, "-"):
                 out(f"job {job_id} ({q.name}): {state or 'gone from the queue'}")
                 states[job_id] = state
-            done = q.task0.paths.result_pickle.exists()  # rank 0 finished (a preempted rank 0 writes none)
-            if not done and state not in cluster.ACTIVE_STATES:
-                ended_at.setdefault(job_id, time.monotonic())
-                done = time.monotonic() - ended_at[job_id] > grace_s  # a result file may still be on its way
-            elif state in cluster.ACTIVE_STATES:
+            if state in cluster.ACTIVE_STATES:  # (rank 0 may have its result while the others still finish)
                 ended_at.pop(job_id, None)
-            if done:
+                continue
+            ended_at.setdefault(job_id, time.monotonic())
+            # rank 0's result (a preempted rank 0 writes none), else a grace period for it to appear
+            if q.task0.paths.result_pickle.exists() or time.monotonic() - ended_at[job_id] > grace_s:
                 outcomes[job_id] = outcome(q, state)
                 del pending[job_id]
         if pending:
