@@ -163,7 +163,10 @@ def submit_sweep(
         prepare.check_inputs(cfg)
     for cfg in cfgs:
         if prepare.existing_run_id(cfg):
-            raise MtlError(f"{cfg.train.output_dir} already belongs to an MLflow run: a sweep starts fresh runs")
+            raise MtlError(
+                f"{cfg.train.output_dir} already holds a run (its {prepare.RUN_ID_FILE} file): a sweep starts fresh "
+                "runs; set another train.output_dir in the sweep's base or on the command line"
+            )
 
     t = first.tracking
     names = [element_name(el) for el in sweep.elements]
