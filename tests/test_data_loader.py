@@ -86,7 +86,7 @@ def check_batch(data, batch: dict, split: str, videos: list[str], batch_size: in
 
 def test_train_batches_follow_the_contract(data):
     cfg = cfg_for(data)
-    loader = make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=0, seed=0)
+    loader = make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=0, seed=0, device="cpu")
     batches = list(loader)
     assert len(batches) == len(loader) > 0
     for batch in batches:

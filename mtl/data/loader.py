@@ -16,6 +16,7 @@ index in the split, for checks); evaluation adds ``video`` list[str] and ``frame
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 from collections.abc import Iterator
@@ -148,6 +149,8 @@ def label_arrays(batch: int, clip_len: int) -> dict[str, np.ndarray]:
         "expr_valid": np.zeros((batch, clip_len), bool),
         "au": np.zeros((batch, clip_len, NUM_AU), np.float32),
         "au_valid": np.zeros((batch, clip_len), bool),
+        "gain": np.zeros((batch, clip_len, 3), np.float32),  # pixels -> normalised frames, per frame and channel
+        "bias": np.zeros((batch, clip_len, 3), np.float32),  # (0 where there is no image: those frames stay 0)
     }
 
 
@@ -161,22 +164,45 @@ def put_labels(arrays: dict[str, np.ndarray], k: int, s: Sample, a: int, b: int)
         arrays[key][k, :n] = v[a:b]
 
 
-def to_torch(batch: dict) -> dict:
-    """Main-process side: numpy fields -> tensors (zero-copy)."""
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+def finish_batch(batch: dict, device: torch.device | None = None) -> dict:
+    """Consumer side: numpy fields -> tensors, and ``frames`` = gain * pixels + bias in float32, computed on
+    ``device`` when given (the uint8 pixels travel there, a quarter of the bytes)."""
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    pixels, gain, bias = out.pop("pixels"), out.pop("gain"), out.pop("bias")
+    if device is not None:
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        pixels, gain, bias = (t.to(device, non_blocking=True) for t in (pixels, gain, bias))
+    return {"frames": ClipTransform.finish(pixels, gain, bias), **out}
+
+
+def _device(device: str | torch.device | None) -> torch.device | None:
+    device = torch.device(device) if device is not None else None
+    return None if device is None or device.type == "cpu" else device
 
 
 def _identity(x):
     return x
 
 
-def new_frames(shape: tuple[int, ...]) -> torch.Tensor:
-    """The batch's frame buffer; in a DataLoader worker it is made in shared memory, so handing the batch to the
-    main process copies nothing (the default collate would stack, then copy into shared memory)."""
+def _dataloader(stream: IterableDataset, workers: int, device: torch.device | None) -> DataLoader:
+    """Streams yield whole batches (no collation); pinned memory only when batches go to a GPU."""
+    return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+                      worker_init_fn=_worker_init, pin_memory=device is not None and device.type == "cuda")  # fmt: skip
+
+
+def _worker_init(_: int) -> None:
+    """Keep the Python objects inherited from the parent out of the worker's garbage collector: collecting
+    would walk (and so copy-on-write) the parent's whole heap, which costs more than the decoding."""
+    gc.freeze()
+
+
+def new_pixels(shape: tuple[int, ...]) -> torch.Tensor:
+    """The batch's uint8 pixel buffer; in a DataLoader worker it is made in shared memory, so handing the batch to
+    the main process copies nothing (the default collate would stack, then copy into shared memory)."""
     if get_worker_info() is None:
-        return torch.empty(shape)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.empty(0).set_(storage, 0, shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
 class _ClipMaker:
@@ -186,17 +212,26 @@ class _ClipMaker:
         self.clip_len, self.size, self.augment = clip_len, image_size, augment
         self.tf = ClipTransform(image_size, tuple(mean), tuple(std))
 
-    def fill(self, dst: torch.Tensor, s: Sample | None, a: int, b: int, rng: np.random.Generator | None) -> None:
-        """dst [T, 3, S, S] <- frames [a, b) of s; zeros where there is no image or padding."""
+    def fill(self, arrays: dict, pixels: torch.Tensor, k: int, s: Sample | None, a: int, b: int, rng) -> None:
+        """Clip k of the batch <- frames [a, b) of s: uint8 pixels, and the gain/bias that finish them (zero pixels
+        and zero gain/bias where there is no image or padding)."""
+        dst = pixels[k]
         rows = np.flatnonzero(s.has_image[a:b]) if s is not None else np.zeros(0, np.int64)
         if len(rows) < self.clip_len:
             empty = torch.ones(self.clip_len, dtype=torch.bool)
             empty[torch.from_numpy(rows)] = False
-            dst[empty] = 0.0
+            dst[empty] = 0
         if len(rows):
             x = decode_clip(s.blob, s.offsets, rows + a)
             aug = None if rng is None else ClipAugment.draw(x.shape[-2], x.shape[-1], self.augment, rng)
-            self.tf.into(dst, rows, x, aug)
+            x = self.tf.geometry(x, aug)
+            if rows[-1] - rows[0] + 1 == len(rows):  # the usual case: consecutive rows, a view
+                dst[int(rows[0]) : int(rows[-1]) + 1].copy_(x)
+            else:
+                dst[torch.from_numpy(rows)] = x
+            gain, bias = self.tf.affine(x, aug)
+            arrays["gain"][k, rows] = gain.numpy()
+            arrays["bias"][k, rows] = bias.numpy()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -240,7 +275,7 @@ class TrainStream(IterableDataset):
 
     def batch(self, raws: list[dict]) -> dict:
         t, size = self.maker.clip_len, self.maker.size
-        frames = new_frames((len(raws), t, 3, size, size))
+        pixels = new_pixels((len(raws), t, 3, size, size))
         labels = label_arrays(len(raws), t)
         ids = np.zeros(len(raws), np.int64)
         for i, raw in enumerate(raws):
@@ -249,18 +284,18 @@ class TrainStream(IterableDataset):
             rng = np.random.default_rng(_seed(self.seed, self.epoch, gid, 0xC1))  # per sample: resume-exact
             a = int(rng.integers(0, len(s) - t + 1)) if len(s) > t else 0
             b = min(a + t, len(s))
-            self.maker.fill(frames[i], s, a, b, rng)
+            self.maker.fill(labels, pixels, i, s, a, b, rng)
             put_labels(labels, i, s, a, b)
             ids[i] = gid
-        return {"frames": frames, **labels, "sample": ids}
+        return {"pixels": pixels, **labels, "sample": ids}
 
 
 class TrainLoader:
     """An epoch of training batches for one rank. ``len()`` is the epoch's batches per rank (the same on every
     rank); iterating yields the ``len() - skip_batches`` batches after the skipped ones, in the original order."""
 
-    def __init__(self, stream: TrainStream, num_workers: int):
-        self.stream, self.num_workers = stream, num_workers
+    def __init__(self, stream: TrainStream, num_workers: int, device: torch.device | None = None):
+        self.stream, self.num_workers, self.device = stream, num_workers, device
 
     def __len__(self) -> int:
         return self.stream.n_batches
@@ -272,21 +307,29 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.remaining == 0:
             return
-        dl = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
-                        pin_memory=torch.cuda.is_available())  # fmt: skip
-        for batch in dl:
-            yield to_torch(batch)
+        for batch in _dataloader(self.stream, self.num_workers, self.device):
+            yield finish_batch(batch, self.device)
 
 
 def make_train_loader(
-    data_cfg, *, mean, std, rank: int, world_size: int, epoch: int, seed: int, skip_batches: int = 0
+    data_cfg,
+    *,
+    mean,
+    std,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    skip_batches: int = 0,
+    device: str | torch.device | None = None,
 ) -> TrainLoader:
     """Training batches [B, T, ...] of rank ``rank`` for epoch ``epoch``.
 
     One epoch over all ranks sees each training sample (segment) once, as one random window of ``clip_len`` frames
     with one random augmentation, except fewer than world_size * batch_size dropped samples (others each epoch).
     ``skip_batches`` resumes mid-epoch: the skipped samples are read but not decoded. Exact resume needs the same
-    world_size, batch_size and num_workers.
+    world_size, batch_size and num_workers. ``device``: where batches are delivered and the frames finished
+    (uint8 -> normalised float); default: the CPU.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -302,7 +345,7 @@ def make_train_loader(
         table, data_cfg, mean, std, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
         skip_batches=max(0, skip_batches),
     )  # fmt: skip
-    return TrainLoader(stream, data_cfg.num_workers)
+    return TrainLoader(stream, data_cfg.num_workers, _device(device))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -328,7 +371,7 @@ class EvalStream(IterableDataset):
 
     def batch(self, clips: list[tuple[int, int, int]], reader: ShardReader | None) -> dict:
         t, size = self.maker.clip_len, self.maker.size
-        frames = new_frames((self.batch_size, t, 3, size, size))
+        pixels = new_pixels((self.batch_size, t, 3, size, size))
         labels = label_arrays(self.batch_size, t)
         videos, last = [], None
         for k in range(self.batch_size):
@@ -344,15 +387,15 @@ class EvalStream(IterableDataset):
             else:  # padding clip
                 s, a, b = None, 0, 0
                 videos.append("")
-            self.maker.fill(frames[k], s, a, b, None)
-        return {"frames": frames, **labels, "video": videos}
+            self.maker.fill(labels, pixels, k, s, a, b, None)
+        return {"pixels": pixels, **labels, "video": videos}
 
 
 class EvalLoader:
     """Evaluation batches of one rank, then all-padding batches up to ``len()``, which every rank shares."""
 
-    def __init__(self, stream: EvalStream, n_batches: int, num_workers: int):
-        self.stream, self.n_batches, self.num_workers = stream, n_batches, num_workers
+    def __init__(self, stream: EvalStream, n_batches: int, num_workers: int, device: torch.device | None = None):
+        self.stream, self.n_batches, self.num_workers, self.device = stream, n_batches, num_workers, device
 
     def __len__(self) -> int:
         return self.n_batches
@@ -361,16 +404,16 @@ class EvalLoader:
         done = 0
         if self.stream.batches:
             workers = min(self.num_workers, len(self.stream.batches))
-            dl = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
-                            pin_memory=torch.cuda.is_available())  # fmt: skip
-            for batch in dl:
+            for batch in _dataloader(self.stream, workers, self.device):
                 done += 1
-                yield to_torch(batch)
+                yield finish_batch(batch, self.device)
         for _ in range(self.n_batches - done):
-            yield to_torch(self.stream.batch([], None))
+            yield finish_batch(self.stream.batch([], None), self.device)
 
 
-def make_eval_loader(data_cfg, split: str, *, mean, std, rank: int, world_size: int) -> EvalLoader:
+def make_eval_loader(
+    data_cfg, split: str, *, mean, std, rank: int, world_size: int, device: str | torch.device | None = None
+) -> EvalLoader:
     """Every frame of every video of ``split`` exactly once across ranks, in clips of ``clip_len`` consecutive frames
     (a segment's last clip padded), ``eval_batch_size`` clips a batch, no augmentation; ids in ``video``/``frame``.
     """
@@ -378,4 +421,4 @@ def make_eval_loader(data_cfg, split: str, *, mean, std, rank: int, world_size: 
         raise ValueError(f"rank {rank} outside world size {world_size}")
     table = SplitTable.load(data_cfg.shards, split)
     n_batches, batches = plan_eval(table.sample_frames, data_cfg.clip_len, data_cfg.eval_batch_size, rank, world_size)
-    return EvalLoader(EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers)
+    return EvalLoader(EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers, _device(device))

@@ -211,7 +211,7 @@ class Look:
         skin = tuple(int(c) for c in np.clip(skin + rng.normal(0, 8, 3), 0, 255))
         dark = tuple(int(c) for c in rng.integers(15, 50, size=3))
         lips = (int(rng.integers(110, 170)), int(rng.integers(30, 60)), int(rng.integers(40, 70)))
-        return Look(background, skin, dark, lips, float(rng.uniform(0.92, 1.04)))
+        return Look(background, skin, dark, lips, float(rng.uniform(0.96, 1.02)))
 
 
 def draw_face(
@@ -300,7 +300,7 @@ def render_video(root: str, v: SynthVideo, quality: int) -> int:
     look = Look.draw(rng)
     folder = Path(root) / v.name
     folder.mkdir(parents=True, exist_ok=True)
-    pose = np.stack([smooth_walk(rng, v.n) * 4, smooth_walk(rng, v.n) * 3, smooth_walk(rng, v.n) * 0.03], 1)
+    pose = np.stack([smooth_walk(rng, v.n) * 1.5, smooth_walk(rng, v.n), smooth_walk(rng, v.n) * 0.01], 1)
     light = 1 + 0.08 * smooth_walk(rng, v.n)
     missing = set(v.missing.tolist())
     written = 0

@@ -1,8 +1,8 @@
 """Frames of a clip from JPEG bytes to a normalised float tensor, whole clip at a time.
 
 Speed is the point: a batched ``decode_jpeg`` over the clip's JPEGs (no PIL), one crop and one uint8 antialiased
-resize for the whole clip tensor (the SIMD channels-last uint8 path), a flip, then one copy to float straight into
-the batch buffer and brightness, contrast and normalisation folded into one per-frame affine map, in place.
+resize for the whole clip tensor (the SIMD channels-last uint8 path), a flip, and brightness, contrast and
+normalisation folded into one per-frame affine map applied in a single multiply-add where the batch is used.
 One random draw per clip: every frame of a clip gets the same augmentation, so the temporal model sees motion,
 not jitter.
 """
@@ -35,7 +35,7 @@ def decode_clip(blob: bytes | bytearray | memoryview, offsets: np.ndarray, idx: 
     if len(idx) == 0:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     lo, hi = int(offsets[idx[0]]), int(offsets[idx[-1] + 1])
-    buf = torch.frombuffer(bytearray(blob[lo:hi]), dtype=torch.uint8)  # one copy of just these frames' bytes
+    buf = torch.frombuffer(bytearray(memoryview(blob)[lo:hi]), dtype=torch.uint8)  # one copy, just these frames
     parts = [buf[int(offsets[i]) - lo : int(offsets[i + 1]) - lo] for i in idx]
     images = decode_jpeg(parts, mode=ImageReadMode.RGB)
     h, w = images[0].shape[-2:]
@@ -71,18 +71,19 @@ class ClipAugment:
 
 
 class ClipTransform:
-    """uint8 clip -> float32 [n, 3, size, size], normalised with the backbone's mean/std.
+    """uint8 clip -> normalised float32 [n, 3, size, size], in two halves.
 
-    Split in two so the loader can write straight into its batch buffer: ``geometry`` (crop, resize, flip on
-    uint8, where the resize has a fast SIMD path and a quarter of the bytes), then the float copy into the
-    destination, then ``photometric_`` in place.
+    ``prepare`` (in a loader worker): crop, resize and flip on uint8, where the resize has its fast SIMD path, plus
+    the per-frame affine map ``gain * x + bias`` (per channel) that does brightness, contrast and normalisation.
+    ``finish`` (where the batch is consumed, on the GPU when there is one): one multiply-add to float. Workers thus
+    hand over uint8 pixels, a quarter of the bytes of float ones through shared memory (and to the GPU).
     """
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         self.size = size
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3)
         self.scale = 1.0 / (255.0 * std_t)
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, 3) / std_t
 
     def geometry(self, x: torch.Tensor, aug: ClipAugment | None) -> torch.Tensor:
         if aug is not None:
@@ -94,29 +95,28 @@ class ClipTransform:
             x = x.flip(-1)
         return x
 
-    def photometric_(self, x: torch.Tensor, aug: ClipAugment | None) -> torch.Tensor:
-        """In place on float x in [0, 255]: brightness then contrast, then normalisation, as one per-frame affine
-        map (two passes over the pixels). Contrast blends with the frame's mean grey level (torchvision's rule); the
-        result is not clamped to [0, 255] (linear jitter), which saves three passes."""
-        gain, bias = self.scale, -self.shift
-        if aug is not None and (aug.contrast != 1.0 or aug.brightness != 1.0):
-            b, c = aug.brightness, aug.contrast
-            grey = (x.mean((2, 3)) * _GRAY.view(1, 3)).sum(1).view(-1, 1, 1, 1)  # per-frame mean grey level
-            gain = self.scale * (b * c)
-            bias = grey * (b * (1 - c)) * self.scale - self.shift
-        return x.mul_(gain).add_(bias)
+    def affine(self, x: torch.Tensor, aug: ClipAugment | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gain, bias), each [n, 3]: normalised = gain * pixel + bias. Brightness scales, contrast blends with the
+        frame's mean grey level (torchvision's rules, in that order), without clamping to [0, 255] (linear jitter)."""
+        n = len(x)
+        if aug is None or (aug.contrast == 1.0 and aug.brightness == 1.0):
+            return self.scale.expand(n, 3), (-self.shift).expand(n, 3)
+        b, c = aug.brightness, aug.contrast
+        grey = (x[:, :, ::4, ::4].float().mean((2, 3)) * _GRAY.view(1, 3)).sum(1, keepdim=True)  # 1/16 of pixels
+        return (self.scale * (b * c)).expand(n, 3), grey * (b * (1 - c)) * self.scale - self.shift
 
-    def into(self, dst: torch.Tensor, rows: np.ndarray, x: torch.Tensor, aug: ClipAugment | None) -> None:
-        """Write transformed uint8 frames ``x`` into rows ``rows`` of the float tensor ``dst``."""
-        x = self.geometry(x, aug)
-        if rows[-1] - rows[0] + 1 == len(rows):  # the usual case: consecutive rows, a view, no temporary
-            view = dst[int(rows[0]) : int(rows[-1]) + 1]
-            self.photometric_(view.copy_(x), aug)
-        else:
-            dst[torch.from_numpy(rows)] = self.photometric_(x.float(), aug)
+    @staticmethod
+    def finish(pixels: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """float32 ``gain * pixels + bias``; pixels [..., 3, H, W] uint8, gain/bias [..., 3]."""
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        out.copy_(pixels)
+        return out.mul_(gain[..., None, None]).add_(bias[..., None, None])
 
     def train(self, x: torch.Tensor, aug: ClipAugment) -> torch.Tensor:
-        return self.photometric_(self.geometry(x, aug).float(), aug)
+        """Both halves at once: uint8 [n, 3, h, w] -> normalised float [n, 3, size, size]."""
+        x = self.geometry(x, aug)
+        return self.finish(x, *self.affine(x, aug))
 
     def eval(self, x: torch.Tensor) -> torch.Tensor:
-        return self.photometric_(self.geometry(x, None).float(), None)
+        x = self.geometry(x, None)
+        return self.finish(x, *self.affine(x, None))
