@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cli.register(sub)  # synth, pack, shards
     engine_cli.register(sub)  # train, eval, demo
-    launch_cli.register(sub)  # submit, sweep
+    launch_cli.register(sub)  # submit (and submit --sweep)
     return parser
 
 

@@ -136,12 +136,6 @@ def test_inputs_the_job_would_open_are_checked(tmp_path: Path) -> None:
         prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "train.resume=never"], {}))
 
 
-def test_run_id_file_name_matches_the_engine() -> None:
-    from mtl.engine.trainer import RUN_ID_FILE
-
-    assert prepare.RUN_ID_FILE == RUN_ID_FILE
-
-
 def test_runs_made_at_submission_and_continued_from_the_output_dir(tmp_path: Path, monkeypatch) -> None:
     """A new run per submission; a resubmitted output_dir continues the run the engine recorded there."""
     from mlflow.tracking import MlflowClient

@@ -29,6 +29,7 @@ from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object,
 from mtl.engine.ds_config import build_ds_config, resolve_precision, resolve_zero_stage
 from mtl.engine.evaluate import evaluate, to_device
 from mtl.engine.export import consolidate, save_weights
+from mtl.engine.layout import CHECKPOINTS, EXPORT, RUN_ID_FILE
 from mtl.engine.preemption import StopFlag
 from mtl.engine.schedule import build_optimizer, build_scheduler
 from mtl.errors import MtlError
@@ -36,8 +37,6 @@ from mtl.model import build_model, param_groups
 from mtl.objectives import MultiTaskLoss
 from mtl.tracking.mlflow_run import Tracker
 from mtl.tracking.report import log_evaluation
-
-RUN_ID_FILE = "mlflow_run_id"
 
 
 @dataclass
@@ -92,7 +91,7 @@ class Trainer:
         self.env: DistEnv = init_distributed()
         _seed_everything(cfg.train.seed + self.env.rank)
         self.out = Path(cfg.train.output_dir).resolve()
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / CHECKPOINTS
         if self.env.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -207,7 +206,7 @@ class Trainer:
     def _export(self) -> None:
         """Consolidated fp32 weights of the last and the best checkpoint (rank 0; others wait)."""
         if self.env.is_main:
-            export_dir = self.out / "export"
+            export_dir = self.out / EXPORT
             last = ckpt.tag_for(self.state.step)
             for name, tag in (("last", last), ("best", self.state.best_tag or last)):
                 save_weights(consolidate(self.ckpt_dir, tag), export_dir / f"{name}.safetensors", to_dict(self.cfg))

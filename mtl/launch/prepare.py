@@ -13,11 +13,9 @@ import dataclasses
 from pathlib import Path
 
 from mtl.config import Config, ConfigError, load_config
+from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
 from mtl.launch import cluster
-
-# File in train.output_dir naming the run's MLflow run id; written by the engine (mtl.engine.trainer.RUN_ID_FILE).
-RUN_ID_FILE = "mlflow_run_id"
 
 # `mtl submit` flag -> the slurm.* key it sets (flags win over the config file and key=value overrides).
 FLAG_KEYS = {
