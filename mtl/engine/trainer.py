@@ -7,6 +7,7 @@ decision that involves a collective (skip a bad step, stop for preemption, evalu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -113,7 +114,10 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.env.world_size, self.zero_stage, self.precision)
 
         import deepspeed
+        from deepspeed.utils import logger as ds_logger
 
+        if not os.environ.get("MTL_DEEPSPEED_VERBOSE"):  # its INFO lines drown the progress bar and our logs
+            ds_logger.setLevel(logging.WARNING)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
