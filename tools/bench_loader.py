@@ -155,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # Both sides: main-process tensor ops on one thread, so OpenMP threads spinning between ops don't count as work
     # (workers run on one thread anyway).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="mtl-bench-")
     if args.data:

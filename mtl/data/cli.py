@@ -26,7 +26,7 @@ def _pack(args: argparse.Namespace) -> int:
 
     mtl_files = {k: Path(v) for k, v in (("train", args.mtl_train), ("val", args.mtl_val)) if v}
     if bool(args.annotations) == bool(mtl_files):
-        raise DataError("give --annotations DIR (ABAW tree) or --mtl-train/--mtl-val FILE (MTL track), not both")
+        raise DataError("give exactly one of --annotations DIR (ABAW tree) and --mtl-train/--mtl-val FILE (MTL track)")
     t = time.time()
     manifest = pack(
         Path(args.images),

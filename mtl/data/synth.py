@@ -13,7 +13,7 @@ tone, head position, scale and lighting that carry no label information:
 - valence -> mouth curvature (smile / frown); arousal -> eye openness and brow height;
 - expression (8 classes) -> three binary cues: brows in a V (bit 0), forehead wrinkles (bit 1), open mouth (bit 2);
 - each AU -> its own local mark: AU1 / AU2 ticks above the inner / outer brows, AU4 furrows between the brows, AU6
-  cheek rings, AU7 lower-lid lines, AU10 lines beside the nose, AU12 / AU15 lines up / down from the mouth corners,
+  cheek marks, AU7 lower-lid lines, AU10 lines beside the nose, AU12 / AU15 lines up / down from the mouth corners,
   AU23 a thick lip line, AU24 a crease under the lip, AU25 teeth, AU26 a dropped jaw (longer chin, chin mark).
 
 Over time VA follows a smooth random walk, EXPR and AU are piecewise constant over tens of frames; every
@@ -240,16 +240,16 @@ def draw_face(
         line([(-16, -40), (16, -40)], 2)
     for sx in (-1, 1):
         if au[0]:
-            line([(sx * 7, -36), (sx * 7, -28)], 3.5)
+            line([(sx * 7, -36), (sx * 7, -28)], 4.5)
         if au[1]:
-            line([(sx * 29, -35), (sx * 29, -27)], 3.5)
+            line([(sx * 29, -37), (sx * 29, -26)], 4.5)
     # brows: height follows arousal; a V (inner ends down) is expression bit 0
     yb = -22 - 4 * a
     for sx in (-1, 1):
         line([(sx * 7, yb + (7 if expr & 1 else 0)), (sx * 29, yb)], 3)
     if au[2]:  # AU4 furrows between the brows
-        line([(-2.5, -21), (-2.5, -12)], 2.5)
-        line([(2.5, -21), (2.5, -12)], 2.5)
+        line([(-2.5, -21), (-2.5, -12)], 3.5)
+        line([(2.5, -21), (2.5, -12)], 3.5)
     # eyes: openness follows arousal
     he = 1.5 + 6.0 * (a + 1) / 2
     for sx in (-1, 1):
@@ -258,15 +258,15 @@ def draw_face(
         r = min(3.0, he)
         d.ellipse([p(ex - r, -8 - r), p(ex + r, -8 + r)], fill=look.dark)
         if au[4]:  # AU7 lower-lid line
-            line([(ex - 8, 3), (ex + 8, 3)], 3)
-        if au[3]:  # AU6 cheek rings
-            d.ellipse([p(sx * 30 - 6, 6), p(sx * 30 + 6, 18)], outline=look.dark, width=max(1, round(3 * k)))
+            line([(ex - 7, 3), (ex + 7, 3)], 4)
+        if au[3]:  # AU6 cheek marks
+            d.ellipse([p(sx * 32 - 4, 5), p(sx * 32 + 4, 13)], fill=look.dark)
     # nose, and AU10 lines beside it
     line([(0, -4), (0, 12)], 2)
     line([(-4, 13), (4, 13)], 2)
     if au[5]:
-        line([(-9, 12), (-9, 21)], 3)
-        line([(9, 12), (9, 21)], 3)
+        line([(-9, 12), (-9, 21)], 4)
+        line([(9, 12), (9, 21)], 4)
     # mouth: curvature follows valence; open (expression bit 2); AU23 thick lip line; AU25 teeth
     my, hw = 27, 17
     xs = np.linspace(-hw, hw, 13)
@@ -282,13 +282,13 @@ def draw_face(
     corner = my - 5 * v
     for sx in (-1, 1):
         if au[6]:  # AU12 lip corner pulled up
-            line([(sx * 19, corner - 1), (sx * 26, corner - 8)], 3.5)
+            line([(sx * 19, corner - 1), (sx * 26, corner - 8)], 4.5)
         if au[7]:  # AU15 lip corner pulled down
-            line([(sx * 19, corner + 1), (sx * 26, corner + 8)], 3.5)
+            line([(sx * 19, corner + 1), (sx * 26, corner + 8)], 4.5)
     if au[9]:  # AU24 crease under the lip
-        line([(-9, 42), (9, 42)], 3.5)
+        line([(-10, 42), (10, 42)], 4.5)
     if au[11]:  # AU26 jaw drop: the chin drops and shows a mark
-        line([(-7, 48), (0, 51), (7, 48)], 3.5)
+        line([(-7, 48), (0, 51), (7, 48)], 4.5)
 
     small = np.asarray(img.reduce(SS), np.float32) * light
     return Image.fromarray(np.clip(small, 0, 255).astype(np.uint8))
