@@ -31,7 +31,10 @@ def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, fra
         print(f"[1/4] synthetic Aff-Wild2-style data -> {workdir / 'synth'}", flush=True)
         root = make_synth(workdir / "synth", **sizes)
         print(f"[2/4] packing WebDataset shards -> {shards}", flush=True)
-        pack(root / "cropped_aligned", root / "annotations", shards, workers=min(2, os.cpu_count() or 1))
+        # Segments of 2 x clip_len: many samples per epoch (each a random clip window), so batches stay varied.
+        segment = 2 * cfg.data.clip_len
+        pack(root / "cropped_aligned", root / "annotations", shards, segment_len=segment,
+             workers=min(2, os.cpu_count() or 1))  # fmt: skip
     else:
         print(f"[1-2/4] reusing packed shards in {shards}", flush=True)
     print(f"[3/4] training ({cfg.model.backbone}, {cfg.train.max_steps} steps) -> {run_dir}", flush=True)
