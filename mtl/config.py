@@ -74,7 +74,9 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     pretrained: bool = False  # from the timm hub, where one is reachable
     pretrained_file: str | None = None  # local timm or safetensors state dict; wins over `pretrained`
-    pool: Literal["avg", "cls"] = "avg"
+    # avg: mean of the patch tokens; cls: the class token; flatten: all patch tokens in order, concatenated, so the
+    # frame feature keeps where on the aligned face each cue is (much faster to learn from scratch)
+    pool: Literal["avg", "cls", "flatten"] = "avg"
     freeze_backbone: bool = False
     grad_checkpointing: bool = False
     temporal: TemporalConfig = field(default_factory=TemporalConfig)

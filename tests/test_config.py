@@ -30,7 +30,7 @@ def test_precedence_defaults_file_overrides(tmp_path: Path) -> None:
         ("trian.max_steps=3", "unknown config key 'trian'; did you mean train"),
         ("train.zero_stage=4", "train.zero_stage: expected a value in [0, 3], got 4"),
         ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
-        ("model.pool=max", "model.pool: expected 'avg' | 'cls'"),
+        ("model.pool=max", "model.pool: expected 'avg' | 'cls' | 'flatten'"),
         ("train.max_steps=1.5", "train.max_steps: expected int"),
         ("data.augment.crop_scale=[0.9, 0.5]", "data.augment.crop_scale"),
         ("model.temporal.dim=30", "divisible by model.temporal.heads"),

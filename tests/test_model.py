@@ -202,6 +202,20 @@ def test_cls_and_avg_pooling_differ_and_avg_skips_the_cls_token() -> None:
     assert not torch.allclose(fa, fc)
 
 
+def test_flatten_pooling_keeps_every_patch_token_in_order() -> None:
+    # 32x32 frames with 16x16 patches: 4 patch tokens of width 48 -> a 192-wide feature, the CLS token left out
+    net = tiny_net(pool="flatten").eval()
+    assert net.encoder.num_features == 4 * 48
+    images = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        tokens = net.encoder.backbone.forward_features(images)
+        feats = net.encoder(images)
+        out = net(*inputs(b=2, t=5))
+    assert feats.shape == (3, 192)
+    assert torch.equal(feats, tokens[:, 1:].reshape(3, -1))
+    assert out["expr"].shape == (2, 5, 8) and torch.isfinite(out["va"]).all()
+
+
 def test_data_config_is_the_backbones() -> None:
     dc = tiny_net().data_config()
     assert dc == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # augreg ViT normalisation in timm

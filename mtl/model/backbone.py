@@ -108,23 +108,31 @@ def load_pretrained_file(model: nn.Module, path: str | Path, name: str | None = 
 
 
 class FrameEncoder(nn.Module):
-    """Images [N,3,H,W] -> features [N,D]: last-layer tokens averaged (patches only), or the CLS token."""
+    """Images [N,3,H,W] -> features [N,D]: last-layer patch tokens averaged, the CLS token, or all patch tokens
+    concatenated in order (``flatten``: D = patches x width, for aligned crops where position carries meaning)."""
 
     def __init__(self, backbone: nn.Module, pool: str = "avg") -> None:
         super().__init__()
-        if pool not in ("avg", "cls"):
-            raise MtlError(f"model.pool: expected 'avg' or 'cls', got {pool!r}")
+        if pool not in ("avg", "cls", "flatten"):
+            raise MtlError(f"model.pool: expected 'avg', 'cls' or 'flatten', got {pool!r}")
         self.prefix = int(getattr(backbone, "num_prefix_tokens", 1))
         if pool == "cls" and not getattr(backbone, "has_class_token", self.prefix > 0):
             raise MtlError("model.pool='cls' but the backbone has no class token; use model.pool='avg'")
         self.backbone = backbone
         self.pool = pool
         self.num_features = int(backbone.num_features)
+        if pool == "flatten":
+            patches = getattr(getattr(backbone, "patch_embed", None), "num_patches", None)
+            if not patches:
+                raise MtlError("model.pool='flatten' needs a ViT with a fixed number of patches; use model.pool='avg'")
+            self.num_features *= int(patches)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(images)  # [N, prefix + patches, D], final norm applied
         if tokens.ndim != 3:
             raise MtlError(f"backbone forward_features gave shape {tuple(tokens.shape)}; expected a ViT's [N, L, D]")
+        if self.pool == "flatten":
+            return tokens[:, self.prefix :].flatten(1)
         # timm's pool() drops CLS and register tokens for 'avg' and takes token 0 for 'token'.
         pool_fn = getattr(self.backbone, "pool", None)
         if callable(pool_fn):
