@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mtl.engine.allocator import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -66,6 +68,7 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # fresh pages for every step's buffers cost ZeRO-2 a sixth of its step time here
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
