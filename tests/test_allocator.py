@@ -11,7 +11,7 @@ import pytest
 PROBE = """
 import ctypes, sys
 import torch
-from mtl.engine.allocator import keep_freed_memory
+from mtl.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
+from mtl.allocator import keep_freed_memory
 from mtl.constants import NUM_AU
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.shardio import Sample, ShardReader, parse_sample, read_raw
@@ -196,17 +197,22 @@ def _dataloader(stream: IterableDataset, workers: int, device: torch.device | No
 
 def _worker_init(_: int) -> None:
     """Keep the Python objects inherited from the parent out of the worker's garbage collector: collecting
-    would walk (and so copy-on-write) the parent's whole heap, which costs more than the decoding."""
+    would walk (and so copy-on-write) the parent's whole heap, which costs more than the decoding. And keep freed
+    memory for the next batch's decode and resize buffers instead of faulting in fresh pages each time."""
     gc.freeze()
+    keep_freed_memory()
 
 
-def new_pixels(shape: tuple[int, ...]) -> torch.Tensor:
-    """The batch's uint8 pixel buffer; in a DataLoader worker it is made in shared memory, so handing the batch to
-    the main process copies nothing (the default collate would stack, then copy into shared memory)."""
+def new_pixels(shape: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """The batch's uint8 pixel buffer [B, T, 3, H, W], laid out channels-last (as [B, T, H, W, 3]) like the decoded
+    and resized frames, so filling it is a plain copy; ``finish`` reorders once, while converting to float. In a
+    DataLoader worker it is made in shared memory, so handing the batch to the main process copies nothing."""
+    b, t, c, h, w = shape
+    strides = (t * h * w * c, h * w * c, 1, w * c, c)
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
+        return torch.empty_strided(shape, strides, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
 
 
 class _ClipMaker:

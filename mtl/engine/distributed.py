@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mtl.engine.allocator import keep_freed_memory
+from mtl.allocator import keep_freed_memory
 
 
 @dataclass(frozen=True)
