@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="a synth/ABAW root with cropped_aligned/ and annotations/ (default: make one)")
     ap.add_argument("--shards", help="its packed shards (default: pack it into a temp folder)")
     ap.add_argument("--videos", type=int, default=24)
-    ap.add_argument("--frames", type=int, default=400)
+    # Long enough videos that an epoch (a fresh set of workers, as in training) lasts seconds, not a fraction of one:
+    # real epochs are millions of frames, so worker start-up is not what a per-frame figure should show.
+    ap.add_argument("--frames", type=int, default=1600)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers, same on both sides")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--clip-len", type=int, default=16)
