@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 def decode_only_rate(images: Path, limit: int = 2000) -> float:
     """JPEG decodes per CPU second of this machine (one thread, bytes already in memory): the yardstick that
     per-core loader targets are relative to, since machines differ."""
-    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(images.rglob("*.jpg"))]
-    blobs = blobs[:limit]
+    paths = sorted(images.rglob("*.jpg"))[:limit]
+    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

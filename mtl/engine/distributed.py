@@ -68,7 +68,7 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        keep_freed_memory()  # fresh pages for every step's buffers cost ZeRO-2 a sixth of its step time here
+        keep_freed_memory()  # else each step's big buffers are fresh pages (ZeRO-2's flatten: 68 vs 13 ms here)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
