@@ -146,12 +146,17 @@ def test_skip_batches_resumes_exactly_where_the_epoch_stopped(data):
 
 
 def test_worker_count_does_not_change_what_a_rank_sees(data):
-    ids = []
+    """Same samples, and the same pixels: batches pass through each worker's ring slots many laps over (12 batches,
+    3 slots a worker), so a slot rewritten before its batch was finished would show here."""
+    seen = []
     for workers in (0, 1, 2):
-        cfg = cfg_for(data, num_workers=workers)
-        ids.append(sorted(int(i) for b in make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=1,
-                                                             seed=0) for i in b["sample"]))  # fmt: skip
-    assert ids[0] == ids[1] == ids[2]
+        cfg = cfg_for(data, num_workers=workers, batch_size=1)
+        batches = list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=1, seed=0))
+        assert len(batches) == 12
+        seen.append(sorted(((int(b["sample"][0]), b["frames"]) for b in batches), key=lambda x: x[0]))
+    for other in seen[1:]:
+        assert [i for i, _ in other] == [i for i, _ in seen[0]]
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(other, seen[0]))
 
 
 def test_too_few_samples_for_the_world_is_an_error(data):

@@ -15,6 +15,8 @@ from data_fixtures import make_release
 from PIL import Image
 
 import mtl.data.pack as pack_mod
+from mtl.config import DataConfig
+from mtl.data.loader import make_eval_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.pack import pack
 from mtl.data.shardio import parse_sample, read_raw
@@ -179,6 +181,9 @@ def test_verify_catches_a_jpeg_that_does_not_decode(release, tmp_path):
     bad_reports = [r for r in reports if not r.ok]
     assert [r.path for r in bad_reports] == ["val/000000.tar"]
     assert "frame 3: JPEG does not decode" in " ".join(bad_reports[0].problems)
+    cfg = DataConfig(shards=str(root), clip_len=4, eval_batch_size=1, num_workers=0, image_size=16)
+    with pytest.raises(DataError, match=r"video vidC, frames 1-4: frame 2 of the clip: JPEG does not decode"):
+        list(make_eval_loader(cfg, "val", mean=(0.5,) * 3, std=(0.5,) * 3, rank=0, world_size=1))
 
 
 def test_cli_pack_reports_bad_input_as_one_line(release, tmp_path):

