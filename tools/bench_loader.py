@@ -36,7 +36,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as tv_decode_jpeg
 
 from mtl.allocator import keep_freed_memory
 from mtl.config import AugmentConfig, DataConfig
@@ -44,7 +45,7 @@ from mtl.data.abaw import parse_abaw
 from mtl.data.loader import make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.records import ParseLog
-from mtl.data.transforms import ClipAugment, ClipTransform
+from mtl.data.transforms import ClipAugment, ClipTransform, decode_jpeg
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -167,18 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def decode_only_rate(images: Path, limit: int = 2000) -> float:
-    """JPEG decodes per CPU second of this machine (one thread, bytes already in memory): the yardstick that
-    per-core loader targets are relative to, since machines differ."""
+def decode_only_rates(images: Path, limit: int = 2000) -> dict[str, float]:
+    """JPEG decodes per CPU second of this machine (one thread, bytes already in memory), with the loader's decoder
+    and with torchvision's: the yardstick that per-core loader targets are relative to, since machines differ."""
     paths = sorted(images.rglob("*.jpg"))[:limit]
-    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    blobs = [p.read_bytes() for p in paths]
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    decoders = {
+        "loader (simplejpeg)": lambda: [decode_jpeg(b) for b in blobs],
+        "torchvision": lambda: tv_decode_jpeg(tensors, mode=ImageReadMode.RGB),
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    rates = {}
     try:
-        decode_jpeg(blobs[:50], mode=ImageReadMode.RGB)  # warm up
-        t0 = time.process_time()
-        decode_jpeg(blobs, mode=ImageReadMode.RGB)
-        return round(len(blobs) / (time.process_time() - t0), 1)
+        for name, run in decoders.items():
+            run()  # warm up
+            t0 = time.process_time()
+            run()
+            rates[name] = round(len(blobs) / (time.process_time() - t0), 1)
+        return rates
     finally:
         torch.set_num_threads(threads)
 
@@ -228,7 +237,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{r + 1}/{args.repeats}] {name:17s} {res['frames_per_cpu_s']:8.1f} frames/s/core  "
                   f"({res['frames_per_s']:.1f} frames/s on {res['cores_busy']} cores)", file=sys.stderr)  # fmt: skip
 
-    decode_rate = decode_only_rate(data / "cropped_aligned")
+    decode_rates = decode_only_rates(data / "cropped_aligned")
+    decode_rate = decode_rates["loader (simplejpeg)"]
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(x[key] for x in runs[name]), 1)
@@ -246,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
             "load_avg_at_end": os.getloadavg(),
         },  # fmt: skip
         "frames_per_s_per_core": {k: med(k, "frames_per_cpu_s") for k in sides},
-        "jpeg_decode_only_per_core": decode_rate,
+        "jpeg_decode_only_per_core": decode_rates,
         "shards_vs_decode_only": round(med("shards", "frames_per_cpu_s") / decode_rate, 3),
         "frames_per_s_wall": {k: med(k, "frames_per_s") for k in sides},
         "speedup_vs_baseline": round(med("shards", "frames_per_cpu_s") / med("baseline", "frames_per_cpu_s"), 2),
