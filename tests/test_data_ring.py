@@ -11,6 +11,7 @@ import torch
 
 import mtl.data.ring as ring_mod
 from mtl.data.ring import PixelRing
+from mtl.errors import DataError
 
 SHAPE = (2, 3, 3, 4, 4)  # B, T, C, H, W
 
@@ -42,6 +43,11 @@ def test_a_slot_never_released_is_an_error_not_a_hang(monkeypatch):
     ring.acquire(0)
     with pytest.raises(RuntimeError, match=r"buffer \(0, 0\) not released .* finish_batch"):
         ring.acquire(0)
+
+
+def test_too_little_shared_memory_is_a_clear_error():
+    with pytest.raises(DataError, match=r"cannot allocate \d+ MiB of shared memory .* data.num_workers"):
+        PixelRing(2, 3, (1 << 20, 16, 3, 1024, 1024))  # 300 TiB: more than any /dev/shm
 
 
 def _producer(ring: PixelRing, ready, laps: int) -> None:

@@ -212,11 +212,11 @@ def _row() -> int:
     return info.id if info is not None else 0
 
 
-def _dataloader(stream: IterableDataset, workers: int, device: torch.device | None) -> DataLoader:
-    """Streams yield whole batches (no collation); pinned memory only when batches go to a GPU."""
+def _dataloader(stream: IterableDataset, workers: int) -> DataLoader:
+    """Streams yield whole batches (no collation). No pinned memory: the pixels stay in the ring, and the labels are
+    a few numpy arrays."""
     return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
-                      prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init,
-                      pin_memory=device is not None and device.type == "cuda")  # fmt: skip
+                      prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init)  # fmt: skip
 
 
 def _worker_init(_: int) -> None:
@@ -336,7 +336,7 @@ class TrainLoader:
         if self.remaining == 0:
             return
         ring = _ring(self.stream, self.num_workers)
-        for batch in _dataloader(self.stream, self.num_workers, self.device):
+        for batch in _dataloader(self.stream, self.num_workers):
             yield finish_batch(batch, ring, self.device)
 
 
@@ -436,7 +436,7 @@ class EvalLoader:
         workers = min(self.num_workers, len(self.stream.batches))
         ring = _ring(self.stream, workers)
         if self.stream.batches:
-            for batch in _dataloader(self.stream, workers, self.device):
+            for batch in _dataloader(self.stream, workers):
                 done += 1
                 yield finish_batch(batch, ring, self.device)
         for _ in range(self.n_batches - done):  # in this process: row 0, whose slots are all released by now
