@@ -19,7 +19,6 @@ from mtl.data.records import ParseLog
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.errors import DataError
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 FIELDS = {
     "frames": torch.float32, "has_image": torch.bool, "pad": torch.bool, "va": torch.float32,

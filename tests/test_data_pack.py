@@ -23,7 +23,6 @@ from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.verify import verify
 from mtl.errors import DataError
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 REPO = Path(__file__).resolve().parents[1]
 
 

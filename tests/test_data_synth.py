@@ -12,8 +12,6 @@ from PIL import Image
 from mtl.data.pack import pack
 from mtl.data.synth import make_synth
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
-
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> tuple[Path, dict]:
