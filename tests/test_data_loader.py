@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from data_fixtures import make_release
 from PIL import Image
 
@@ -17,6 +19,7 @@ from mtl.data.manifest import read_manifest
 from mtl.data.pack import pack
 from mtl.data.records import ParseLog
 from mtl.data.shardio import parse_sample, read_raw
+from mtl.data.transforms import decode_clip
 from mtl.errors import DataError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -205,3 +208,21 @@ def test_eval_pads_short_ranks_with_empty_batches(data):
     first = list(loaders[0])  # 2 clips over 3 ranks: rank 0 has none, and still runs one (empty) batch
     assert len(first) == 1 and first[0]["video"] == [""] and first[0]["pad"].all()
     assert [b["video"] for r in (1, 2) for b in loaders[r]] == [["vidC"], ["vidC"]]
+
+
+def test_decode_clip_brings_a_frame_of_another_size_to_the_clips_first():
+    """Aff-Wild2 frames are all 112x112, but a release may mix sizes: the odd frame is resized, not an error."""
+    sizes = [(16, 16), (24, 20), (16, 16)]  # (height, width)
+    pictures = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i, (h, w) in enumerate(sizes)]
+    jpegs = []
+    for pic in pictures:
+        buf = io.BytesIO()
+        Image.fromarray(pic).save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    offsets = np.cumsum([0, *map(len, jpegs)])
+    x = decode_clip(b"".join(jpegs), offsets, np.array([0, 1, 2]))
+    assert x.shape == (3, 3, 16, 16) and x.permute(0, 2, 3, 1).is_contiguous()
+    pil = [torch.from_numpy(np.array(Image.open(io.BytesIO(j)).convert("RGB"))).permute(2, 0, 1) for j in jpegs]
+    assert torch.equal(x[0], pil[0]) and torch.equal(x[2], pil[2])
+    want = TF.resize(pil[1], [16, 16], antialias=True)
+    assert (x[1].int() - want.int()).abs().max() <= 1

@@ -1,10 +1,10 @@
 """Frames of a clip from JPEG bytes to a normalised float tensor, whole clip at a time.
 
 Speed is the point: libjpeg-turbo (through simplejpeg) decodes each JPEG straight into the clip's buffer (no PIL;
-measured here 30 % faster than torchvision's ``decode_jpeg`` on the same files, with identical pixels), one crop and
-one uint8 antialiased resize for the whole clip tensor (the SIMD channels-last uint8 path), a flip, and brightness,
-contrast and normalisation folded into one per-frame affine map applied in a single multiply-add where the batch is
-used.
+faster than torchvision's ``decode_jpeg`` on the same files, 10.6-11.6k vs 8.8-10.3k frames/s per core measured here,
+with identical pixels), one crop and one uint8 antialiased resize for the whole clip tensor (the SIMD channels-last
+uint8 path), a flip, and brightness, contrast and normalisation folded into one per-frame affine map applied in a
+single multiply-add where the batch is used.
 One random draw per clip: every frame of a clip gets the same augmentation, so the temporal model sees motion,
 not jitter.
 """
