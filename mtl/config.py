@@ -6,15 +6,17 @@ login node, naming the key, before anything is packed, trained or queued.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from mtl.errors import MtlError
 
@@ -23,191 +25,173 @@ class ConfigError(MtlError, ValueError):
     """A config key is unknown, mistyped or out of range; the message names it."""
 
 
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _yaml_float(v: Any) -> Any:  # YAML 1.1 reads "1e-4" as a string
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
+
+
+# Field types as strict as a config should be: pydantic's lax mode would read 1 or "yes" as True and "2" as 2, its
+# strict mode would refuse 2.0 for an int and "1e-4" for a float. So: a bool is true/false; an int is an int or a
+# whole float; a float is a number or a numeric string (YAML 1.1 reads 1e-4 as one), never a bool; a str is a str.
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Float = Annotated[float, Strict(), BeforeValidator(_yaml_float)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+
+def _task_names() -> tuple[str, ...]:
+    """The tasks `loss.weights` may name (to be read from the task registry once there is one)."""
+    return ("va", "expr", "au")
+
+
+class _Section(BaseModel):
+    """A config section: attribute access, unknown keys refused; ``replace`` makes changed copies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 # --------------------------------------------------------------------------------------------- sections
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
     """Clip-level augmentation: one random draw per clip, applied to all of its frames."""
 
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    brightness: float = 0.2
-    contrast: float = 0.2
+    hflip: Bool = True
+    crop_scale: tuple[Float, Float] = (0.8, 1.0)
+    brightness: Float = Field(0.2, ge=0, le=1)
+    contrast: Float = Field(0.2, ge=0, le=1)
 
 
-@dataclass
-class DataConfig:
-    shards: str = "shards/synth"  # a directory holding manifest.json, as written by `mtl pack`
-    train_split: str = "train"
-    val_split: str = "val"
-    clip_len: int = 16  # T, frames per training clip
-    batch_size: int = 4  # clips per rank per micro-step
-    eval_batch_size: int = 8
-    num_workers: int = 2
-    image_size: int = 112
-    shuffle_buffer: int = 64  # samples held for shuffling, per worker
-    mean: tuple[float, float, float] | None = None  # None: the backbone's own (timm pretrained_cfg)
-    std: tuple[float, float, float] | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+class DataConfig(_Section):
+    shards: Str = "shards/synth"  # a directory holding manifest.json, as written by `mtl pack`
+    train_split: Str = "train"
+    val_split: Str = "val"
+    clip_len: Int = Field(16, ge=1)  # T, frames per training clip
+    batch_size: Int = Field(4, ge=1)  # clips per rank per micro-step
+    eval_batch_size: Int = Field(8, ge=1)
+    num_workers: Int = Field(2, ge=0)
+    image_size: Int = Field(112, ge=16)
+    shuffle_buffer: Int = Field(64, ge=1)  # samples held for shuffling, per worker
+    mean: tuple[Float, Float, Float] | None = None  # None: the backbone's own (timm pretrained_cfg)
+    std: tuple[Float, Float, Float] | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-@dataclass
-class TemporalConfig:
-    dim: int = 256
-    heads: int = 8
-    layers: int = 6
-    ff_mult: int = 4
-    dropout: float = 0.2
-    max_len: int = 256
+class TemporalConfig(_Section):
+    dim: Int = Field(256, ge=1)
+    heads: Int = Field(8, ge=1)
+    layers: Int = Field(6, ge=0)
+    ff_mult: Int = Field(4, ge=1)
+    dropout: Float = Field(0.2, ge=0, le=1)
+    max_len: Int = Field(256, ge=1)
 
 
-@dataclass
-class MaskConfig:
+class MaskConfig(_Section):
     mode: Literal["token", "feature", "none"] = "token"  # token: whole frames; feature: elements (paper code)
-    prob: float = 0.3
+    prob: Float = Field(0.3, ge=0, le=1)
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "vit_base_patch16_224"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    pretrained: bool = False  # from the timm hub, where one is reachable
-    pretrained_file: str | None = None  # local timm or safetensors state dict; wins over `pretrained`
+class ModelConfig(_Section):
+    backbone: Str = "vit_base_patch16_224"
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to timm.create_model
+    pretrained: Bool = False  # from the timm hub, where one is reachable
+    pretrained_file: Str | None = None  # local timm or safetensors state dict; wins over `pretrained`
     # avg: mean of the patch tokens; cls: the class token; flatten: all patch tokens in order, concatenated, so the
     # frame feature keeps where on the aligned face each cue is (much faster to learn from scratch)
     pool: Literal["avg", "cls", "flatten"] = "avg"
-    freeze_backbone: bool = False
-    grad_checkpointing: bool = False
-    temporal: TemporalConfig = field(default_factory=TemporalConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
+    freeze_backbone: Bool = False
+    grad_checkpointing: Bool = False
+    temporal: TemporalConfig = Field(default_factory=TemporalConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
-@dataclass
-class TaskWeights:
-    va: float = 1.0
-    expr: float = 1.0
-    au: float = 1.0
+class LossConfig(_Section):
+    # task -> weight of its term in the total loss; tasks not named keep 1.0
+    weights: dict[str, Float] = Field(default_factory=lambda: dict.fromkeys(_task_names(), 1.0))
+    focal_gamma: Float = Field(2.0, ge=0)
+    expr_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's class counts
+    au_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's AU positive counts
+
+    @field_validator("weights")
+    @classmethod
+    def _known_tasks(cls, weights: dict[str, float]) -> dict[str, float]:
+        for name, w in weights.items():
+            if name not in _task_names():
+                raise _unknown_key(f"loss.weights.{name}", list(_task_names()))
+            if w < 0:
+                raise ConfigError(f"loss.weights.{name}: expected a value >= 0, got {w}")
+        return {**dict.fromkeys(_task_names(), 1.0), **weights}
 
 
-@dataclass
-class LossConfig:
-    weights: TaskWeights = field(default_factory=TaskWeights)
-    focal_gamma: float = 2.0
-    expr_alpha: Literal["auto", "none"] | list[float] = "auto"  # auto: from the manifest's class counts
-    au_alpha: Literal["auto", "none"] | list[float] = "auto"  # auto: from the manifest's AU positive counts
+class OptimConfig(_Section):
+    lr: Float = Field(1e-4, ge=0)
+    weight_decay: Float = Field(1e-3, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: Float = 1e-8
+    backbone_lr_scale: Float = Field(0.1, ge=0)  # backbone lr = lr * this
+    layer_decay: Float = Field(0.75, ge=0, le=1)  # per ViT block below the top, multiplies the backbone lr
+    warmup_steps: Int = Field(100, ge=0)
+    min_lr_ratio: Float = Field(0.01, ge=0, le=1)  # cosine ends at lr * this
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    backbone_lr_scale: float = 0.1  # backbone lr = lr * this
-    layer_decay: float = 0.75  # per ViT block below the top, multiplies the backbone lr
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.01  # cosine ends at lr * this
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/default"
-    max_steps: int = 10_000  # optimizer steps
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    zero_stage: int = 2
+class TrainConfig(_Section):
+    output_dir: Str = "runs/default"
+    max_steps: Int = Field(10_000, ge=1)  # optimizer steps
+    grad_accum: Int = Field(1, ge=1)
+    grad_clip: Float = Field(1.0, ge=0)
+    zero_stage: Int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    eval_every: int = 1000
-    ckpt_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    resume: str = "auto"  # auto | never | a checkpoint directory
-    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
-    seed: int = 0
-    progress: bool = True
+    eval_every: Int = Field(1000, ge=1)
+    ckpt_every: Int = Field(500, ge=1)
+    keep_last: Int = Field(2, ge=1)
+    log_every: Int = Field(10, ge=1)
+    resume: Str = "auto"  # auto | never | a checkpoint directory
+    max_bad_steps: Int = Field(20, ge=1)  # consecutive non-finite losses before the run stops
+    seed: Int = 0
+    progress: Bool = True
 
 
-@dataclass
-class TrackingConfig:
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "mtl"
-    run_name: str | None = None
-    run_id: str | None = None  # continue this existing run (set by `mtl submit`, which creates it up front)
-    parent_run_id: str | None = None  # create the run as a child of this one (sweeps)
-    enabled: bool = True
+class TrackingConfig(_Section):
+    uri: Str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: Str = "mtl"
+    run_name: Str | None = None
+    run_id: Str | None = None  # continue this existing run (set by `mtl submit`, which creates it up front)
+    parent_run_id: Str | None = None  # create the run as a child of this one (sweeps)
+    enabled: Bool = True
 
 
-@dataclass
-class SlurmConfig:
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None  # None: one per GPU
-    cpus_per_task: int = 8
-    mem_gb: int | None = None
-    partition: str | None = None
-    time_min: int = 60
-    signal_delay_s: int = 90
-    folder: str = "runs/slurm/%j"
-    max_requeue: int = 3
+class SlurmConfig(_Section):
+    nodes: Int = Field(1, ge=1)
+    gpus_per_node: Int = Field(0, ge=0)
+    tasks_per_node: Int | None = Field(None, ge=1)  # None: one per GPU
+    cpus_per_task: Int = Field(8, ge=1)
+    mem_gb: Int | None = None
+    partition: Str | None = None
+    time_min: Int = Field(60, ge=1)
+    signal_delay_s: Int = Field(90, ge=0)
+    folder: Str = "runs/slurm/%j"
+    max_requeue: Int = Field(3, ge=0)
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
-# ------------------------------------------------------------------------------------------------ ranges
-
-_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.clip_len": (1, None),
-    "data.batch_size": (1, None),
-    "data.eval_batch_size": (1, None),
-    "data.num_workers": (0, None),
-    "data.image_size": (16, None),
-    "data.shuffle_buffer": (1, None),
-    "data.augment.brightness": (0, 1),
-    "data.augment.contrast": (0, 1),
-    "model.temporal.dim": (1, None),
-    "model.temporal.heads": (1, None),
-    "model.temporal.layers": (0, None),
-    "model.temporal.ff_mult": (1, None),
-    "model.temporal.dropout": (0, 1),
-    "model.temporal.max_len": (1, None),
-    "model.mask.prob": (0, 1),
-    "loss.weights.va": (0, None),
-    "loss.weights.expr": (0, None),
-    "loss.weights.au": (0, None),
-    "loss.focal_gamma": (0, None),
-    "optim.lr": (0, None),
-    "optim.weight_decay": (0, None),
-    "optim.backbone_lr_scale": (0, None),
-    "optim.layer_decay": (0, 1),
-    "optim.warmup_steps": (0, None),
-    "optim.min_lr_ratio": (0, 1),
-    "train.max_steps": (1, None),
-    "train.grad_accum": (1, None),
-    "train.grad_clip": (0, None),
-    "train.zero_stage": (0, 3),
-    "train.eval_every": (1, None),
-    "train.ckpt_every": (1, None),
-    "train.keep_last": (1, None),
-    "train.log_every": (1, None),
-    "train.max_bad_steps": (1, None),
-    "slurm.nodes": (1, None),
-    "slurm.gpus_per_node": (0, None),
-    "slurm.tasks_per_node": (1, None),
-    "slurm.cpus_per_task": (1, None),
-    "slurm.time_min": (1, None),
-    "slurm.signal_delay_s": (0, None),
-    "slurm.max_requeue": (0, None),
-}
+def replace(section: BaseModel, **changes: Any) -> Any:
+    """``dataclasses.replace`` for sections: a validated copy with ``changes`` applied."""
+    return type(section).model_validate({**dict(section), **changes})
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -229,78 +213,20 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected 'auto', 'none' or a list of {n} non-negative numbers, got {val}")
 
 
-# ------------------------------------------------------------------------------------------------ typing
+# ------------------------------------------------------------------------------ pydantic errors, in our words
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
+        return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args)
     if origin in (list, tuple, dict):
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise naming ``key`` and what it expects."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        raise bad
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise bad
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "Any" if tp is Any else getattr(tp, "__name__", str(tp))
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
@@ -311,31 +237,34 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(sorted(valid))})")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise _unknown_key(f"{prefix}{key}", names)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, tp, full = data[f.name], hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a mapping of {tp.__name__} keys, got {value!r}")
-            kwargs[f.name] = _build(tp, value, f"{full}.")
+def _config_error(exc: ValidationError) -> ConfigError:
+    """pydantic's first error as one line: the dotted key, what it expects, what it got."""
+    err = exc.errors()[0]
+    tp: Any = Config
+    key, metadata = "", []
+    for item in err["loc"]:  # follow fields, dict keys and list/tuple indices; a union's branch tag ends the walk
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            key = f"{key}.{item}".lstrip(".")
+            if item not in tp.model_fields:
+                return _unknown_key(key, list(tp.model_fields))
+            tp, metadata = tp.model_fields[item].annotation, tp.model_fields[item].metadata
+        elif origin is dict:
+            key, tp = f"{key}.{item}", args[1]
+        elif origin in (list, tuple) and isinstance(item, int) and err["type"] != "missing":  # not: a short tuple
+            key, tp = f"{key}[{item}]", args[item if origin is tuple else 0]
         else:
-            kwargs[f.name] = _coerce(value, tp, full)
-            bounds = _RANGES.get(full)
-            if bounds and kwargs[f.name] is not None:
-                lo, hi = bounds
-                v = kwargs[f.name]
-                if (lo is not None and v < lo) or (hi is not None and v > hi):
-                    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                    raise ConfigError(f"{full}: expected a value {want}, got {v}")
-    return cls(**kwargs)
+            break
+    got = err["input"]
+    if err["type"] == "value_error" and isinstance(err["ctx"]["error"], ConfigError):
+        return err["ctx"]["error"]
+    if err["type"] in ("greater_than_equal", "less_than_equal"):
+        lo = next(m.ge for m in metadata if isinstance(m, annotated_types.Ge))
+        hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+        return ConfigError(f"{key}: expected a value {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {got}")
+    if err["type"] == "model_type":
+        return ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {got!r}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {got!r} ({type(got).__name__})")
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -388,46 +317,59 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The only way a Config is made from the outside world."""
-    merged: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        merged = read_yaml(path)
-        source = str(path)
-    merged = deep_merge(merged, parse_overrides(overrides or []))
+def _validate(data: dict[str, Any]) -> Config:
     try:
-        return from_dict(merged)
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+@contextlib.contextmanager
+def _source(name: str) -> Iterator[None]:
+    try:
+        yield
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The only way a Config is made from the outside world; an error names its source: the file or the command line."""
+    data: dict[str, Any] = {}
+    file_cfg = None
+    if path is not None:
+        data = read_yaml(path)
+        with _source(str(path)):
+            file_cfg = _validate(data)  # the file's keys alone: an error here is the file's
+    with _source("command line"):  # the file's keys are valid, so a key that fails now was set on the command line
+        cli = parse_overrides(overrides or [])
+        cfg = _validate(deep_merge(data, cli))
+    source = "command line"
+    if file_cfg is not None:  # values that are valid one by one but not together: from the file unless it passes alone
+        try:
+            _cross_checks(file_cfg)
+        except ConfigError:
+            source = f"{path} with the command-line overrides" if cli else str(path)
+    with _source(source):
+        _cross_checks(cfg)
+    return cfg
 
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate a (possibly partial) nested dict against the defaults."""
-    cfg = _build(Config, data, "")
+    cfg = _validate(data)
     _cross_checks(cfg)
     return cfg
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) that round-trips through YAML and ``from_dict``."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return cfg.model_dump(mode="json")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.zero_stage": 2, ...}``, for MLflow params and for diffs between runs."""
     out: dict[str, Any] = {}
-    for k, v in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+    for k, v in (to_dict(cfg) if isinstance(cfg, BaseModel) else cfg).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, f"{key}."))

@@ -141,7 +141,7 @@ class MultiTaskLoss(nn.Module):
     def __init__(self, cfg: LossConfig, train_stats: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.gamma = cfg.focal_gamma
-        self.weights = {"va": cfg.weights.va, "expr": cfg.weights.expr, "au": cfg.weights.au}
+        self.weights = dict(cfg.weights)
         alpha = expr_alpha(cfg.expr_alpha, train_stats)
         self.register_buffer("expr_alpha", alpha, persistent=False)
         au = au_weights(cfg.au_alpha, train_stats)

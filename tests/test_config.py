@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtl.config import ConfigError, dump_yaml, flatten, from_dict, load_config, to_dict
+from mtl.config import ConfigError, dump_yaml, flatten, from_dict, load_config, replace, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,86 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     notmap.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_config(notmap)
+
+
+def test_errors_name_their_source_file_or_command_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  max_steps: 50\nmodel:\n  temporal: {dim: 30, heads: 6}\n")
+    for override, needle in [
+        ("train.max_step=3", "command line: unknown config key 'train.max_step'; did you mean max_steps"),
+        ("train.zero_stage=9", "command line: train.zero_stage: expected a value in [0, 3], got 9"),
+        ("model.temporal.heads=8", "command line: model.temporal.dim (30) must be divisible"),  # file fine alone
+        ("train.max_steps", "command line: override 'train.max_steps': expected key.sub=value"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(good, [override])
+        assert str(err.value).startswith(needle) and str(good) not in str(err.value)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_step: 50\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, ["train.max_steps=3"])  # a valid override does not hide the file's error
+    assert str(err.value).startswith(f"{bad}: unknown config key 'train.max_step'") and "command line" not in str(
+        err.value
+    )
+
+    apart = tmp_path / "apart.yaml"  # each key valid, together not
+    apart.write_text("model:\n  temporal: {dim: 30}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(apart)
+    assert str(err.value).startswith(f"{apart}: model.temporal.dim (30) must be divisible")
+    with pytest.raises(ConfigError) as err:
+        load_config(apart, ["model.temporal.heads=7"])
+    assert str(err.value).startswith(f"{apart} with the command-line overrides: model.temporal.dim (30)")
+    assert load_config(apart, ["model.temporal.heads=6"]).model.temporal.heads == 6  # the command line may fix it
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ({"train": {"progress": 1}}, "train.progress: expected bool, got 1 (int)"),
+        ({"train": {"progress": "yes"}}, "train.progress: expected bool, got 'yes' (str)"),
+        ({"train": {"max_steps": 1.5}}, "train.max_steps: expected int, got 1.5 (float)"),
+        ({"train": {"max_steps": "2"}}, "train.max_steps: expected int, got '2' (str)"),
+        ({"train": {"seed": True}}, "train.seed: expected int, got True (bool)"),
+        ({"optim": {"lr": True}}, "optim.lr: expected float, got True (bool)"),
+        ({"train": {"resume": 3}}, "train.resume: expected str, got 3 (int)"),
+        ({"data": {"augment": {"crop_scale": [0.5, "x"]}}}, "data.augment.crop_scale[1]: expected float, got 'x'"),
+        ({"data": {"mean": [0.5, 0.5]}}, "data.mean: expected tuple[float, float, float] or NoneType"),
+        ({"slurm": {"tasks_per_node": 0}}, "slurm.tasks_per_node: expected a value >= 1, got 0"),
+    ],
+)
+def test_field_types_are_strict(section: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict(section)
+    assert needle in str(err.value)
+
+
+def test_whole_floats_are_ints_and_numeric_strings_are_floats() -> None:
+    cfg = from_dict({"train": {"max_steps": 2.0}, "optim": {"lr": "1e-4", "eps": 1}})
+    assert cfg.train.max_steps == 2 and type(cfg.train.max_steps) is int
+    assert cfg.optim.lr == pytest.approx(1e-4) and type(cfg.optim.eps) is float
+
+
+def test_loss_weights_map_task_names(tmp_path: Path) -> None:
+    assert load_config(None).loss.weights == {"va": 1.0, "expr": 1.0, "au": 1.0}
+    assert load_config(None, ["loss.weights.au=0"]).loss.weights == {"va": 1.0, "expr": 1.0, "au": 0.0}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.weights.vaa=2"])
+    assert "unknown config key 'loss.weights.vaa'; did you mean va?" in str(err.value)
+    assert "(valid keys in loss.weights: au, expr, va)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"loss.weights.expr: expected a value >= 0, got -1"):
+        load_config(None, ["loss.weights.expr=-1"])
+    with pytest.raises(ConfigError, match="loss.weights.va: expected float, got 'x'"):
+        load_config(None, ["loss.weights.va=x"])
+
+
+def test_replace_copies_a_section_with_changes_validated() -> None:
+    cfg = from_dict({})
+    out = replace(cfg, train=replace(cfg.train, max_steps=5))
+    assert out.train.max_steps == 5 and out.train.zero_stage == cfg.train.zero_stage and cfg.train.max_steps == 10_000
+    with pytest.raises(ValueError, match="max_steps"):
+        replace(cfg.train, max_steps=1.5)
 
 
 def test_round_trip_and_flatten(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from data_fixtures import make_release
 from PIL import Image
 
-from mtl.config import DataConfig
+from mtl.config import DataConfig, replace
 from mtl.data.abaw import parse_abaw
 from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest

@@ -9,10 +9,9 @@ elsewhere read and write the same places.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from mtl.config import Config, ConfigError, load_config
+from mtl.config import Config, ConfigError, load_config, replace
 from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
 from mtl.launch import cluster
@@ -58,13 +57,13 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
     resume = cfg.train.resume
     if resume not in ("auto", "never"):
         resume = _abs(resume, base)
-    return dataclasses.replace(
+    return replace(
         cfg,
-        data=dataclasses.replace(cfg.data, shards=_abs(cfg.data.shards, base)),
-        model=dataclasses.replace(cfg.model, pretrained_file=_abs(cfg.model.pretrained_file, base)),
-        train=dataclasses.replace(cfg.train, output_dir=_abs(cfg.train.output_dir, base), resume=resume),
-        tracking=dataclasses.replace(cfg.tracking, uri=resolve_uri(cfg.tracking)),
-        slurm=dataclasses.replace(cfg.slurm, folder=_abs(cfg.slurm.folder, base)),
+        data=replace(cfg.data, shards=_abs(cfg.data.shards, base)),
+        model=replace(cfg.model, pretrained_file=_abs(cfg.model.pretrained_file, base)),
+        train=replace(cfg.train, output_dir=_abs(cfg.train.output_dir, base), resume=resume),
+        tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking)),
+        slurm=replace(cfg.slurm, folder=_abs(cfg.slurm.folder, base)),
     )
 
 

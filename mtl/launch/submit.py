@@ -7,7 +7,6 @@ fails, the run made for it is deleted again.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl.config import Config, to_dict
+from mtl.config import Config, replace, to_dict
 from mtl.errors import MtlError
 from mtl.launch import cluster
 from mtl.launch.prepare import check_inputs, check_request, existing_run_id, load_for_submit, tasks_per_node
@@ -217,7 +216,7 @@ def submit(
     check_inputs(cfg)
     name = cfg.tracking.run_name or (Path(config).stem if config else "mtl")
     run_id, made = open_run(cfg, cfg.tracking.run_name, {"mtl.launcher": "submitit"})
-    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id))
+    cfg = replace(cfg, tracking=replace(cfg.tracking, run_id=run_id))
     try:
         executor = make_executor(cfg, partition, name)
         job = executor.submit(TrainTask(), to_dict(cfg))

@@ -19,7 +19,6 @@ experiment). Every element is validated before the array is queued.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from mtl.config import Config, ConfigError, read_yaml, to_dict
+from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
 from mtl.errors import MtlError
 from mtl.launch import prepare
 from mtl.launch.submit import (
@@ -184,9 +183,7 @@ def submit_sweep(
             if t.enabled:
                 run_id = create_run(t, run_name=name, parent_run_id=parent_id, tags={"mtl.sweep.overrides": name})
                 made.append(run_id)
-            payloads.append(
-                to_dict(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id)))
-            )
+            payloads.append(to_dict(replace(cfg, tracking=replace(cfg.tracking, run_id=run_id))))
         executor = make_executor(first, partition, sweep.name)
         with executor.batch():
             jobs = [executor.submit(TrainTask(), p) for p in payloads]
