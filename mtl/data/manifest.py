@@ -19,6 +19,7 @@ Layout (paths relative to the data root)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,15 @@ from mtl.errors import DataError
 FORMAT = "mtl-shards/1"
 _NUMBER_LIST = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]")
 MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hash a manifest records per shard (`mtl pack`) and checks again (`mtl shards verify`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:

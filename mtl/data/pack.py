@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtl.constants import NUM_AU, NUM_EXPR, TASKS
-from mtl.data.manifest import FORMAT, MANIFEST, write_manifest
+from mtl.data.manifest import FORMAT, MANIFEST, file_sha256, write_manifest
 from mtl.data.records import ParseLog, SplitLabels
 from mtl.data.shardio import JPEG_MAGIC, encode_sample, write_shard
 from mtl.errors import DataError
@@ -145,14 +145,6 @@ def plan_split(videos: list[PackedVideo], segment_len: int, shuffle: bool, seed:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_jpeg(path: Path) -> bytes:
     data = path.read_bytes()
     if not data.startswith(JPEG_MAGIC):
@@ -174,7 +166,7 @@ def write_shard_job(job: dict) -> dict:
         samples.append(encode_sample(i, meta, jpegs))
     path = Path(job["path"])
     write_shard(path, samples)
-    return {"path": job["rel"], "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _shard_jobs(out: Path, split: str, videos: list[PackedVideo], plan, shard_size: int) -> Iterator[dict]:
@@ -380,7 +372,7 @@ def pack(
     for job in jobs:  # complete shards from an interrupted run: kept as they are, only hashed
         path = Path(job["path"])
         if path.is_file():
-            done[job["rel"]] = {"path": job["rel"], "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            done[job["rel"]] = {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path)}
     _run_jobs(jobs, workers, progress, done)
 
     splits = {}

@@ -8,14 +8,13 @@ webdataset's streaming tar iterator, the way a remote reader would see the file.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mtl.data.manifest import read_manifest
+from mtl.data.manifest import file_sha256, read_manifest
 from mtl.data.shardio import parse_sample
 from mtl.errors import DataError
 
@@ -46,15 +45,12 @@ def check_shard(root: str, entry: dict) -> ShardReport:
     if not path.is_file():
         rep.problems.append("file missing")
         return rep
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    digest = file_sha256(path)
     size = path.stat().st_size
     if "bytes" in entry and size != entry["bytes"]:
         rep.problems.append(f"size {size} bytes, manifest says {entry['bytes']}")
-    if h.hexdigest() != entry["sha256"]:
-        rep.problems.append(f"sha256 {h.hexdigest()[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
+    if digest != entry["sha256"]:
+        rep.problems.append(f"sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
     expected = entry["sample_frames"]
 
     def files():
