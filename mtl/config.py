@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from mtl.errors import MtlError
+from mtl.tasks import load_plugins, task_names, tasks
 
 
 class ConfigError(MtlError, ValueError):
@@ -84,15 +85,17 @@ class ModelConfig:
 
 
 @dataclass
-class TaskWeights:
-    va: float = 1.0
-    expr: float = 1.0
-    au: float = 1.0
+class TasksConfig:
+    plugins: list[str] = field(default_factory=list)  # modules imported first, to register more tasks (mtl.tasks)
+
+
+def _task_weights() -> dict[str, float]:
+    return {name: 1.0 for name in task_names()}
 
 
 @dataclass
 class LossConfig:
-    weights: TaskWeights = field(default_factory=TaskWeights)
+    weights: dict[str, float] = field(default_factory=_task_weights)  # task -> weight; 1.0 for a task not given
     focal_gamma: float = 2.0
     expr_alpha: Literal["auto", "none"] | list[float] = "auto"  # auto: from the manifest's class counts
     au_alpha: Literal["auto", "none"] | list[float] = "auto"  # auto: from the manifest's AU positive counts
@@ -154,6 +157,7 @@ class SlurmConfig:
 
 @dataclass
 class Config:
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -181,9 +185,6 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.temporal.dropout": (0, 1),
     "model.temporal.max_len": (1, None),
     "model.mask.prob": (0, 1),
-    "loss.weights.va": (0, None),
-    "loss.weights.expr": (0, None),
-    "loss.weights.au": (0, None),
     "loss.focal_gamma": (0, None),
     "optim.lr": (0, None),
     "optim.weight_decay": (0, None),
@@ -210,7 +211,36 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
+def _check_tasks(cfg: Config) -> None:
+    """Register the plugins' tasks, then check what names tasks: ``loss.weights`` and the class-weight lists."""
+    try:
+        load_plugins(cfg.tasks.plugins)
+    except MtlError as exc:
+        raise ConfigError(str(exc)) from None
+    names = task_names()
+    weights: dict[str, float] = {}
+    for name, value in cfg.loss.weights.items():
+        if name not in names:
+            raise ConfigError(f"unknown task 'loss.weights.{name}' (registered tasks: {', '.join(names)})")
+        weights[name] = _coerce(value, float, f"loss.weights.{name}")
+        if weights[name] < 0:
+            raise ConfigError(f"loss.weights.{name}: expected a value >= 0, got {weights[name]}")
+    cfg.loss.weights = {name: weights.get(name, 1.0) for name in names}
+    for task in tasks():
+        attr = getattr(task, "alpha_key", None)
+        if attr is None:
+            continue
+        if not hasattr(cfg.loss, attr):
+            raise ConfigError(f"task {task.name}: its class weights key loss.{attr} is not a loss setting")
+        val = getattr(cfg.loss, attr)
+        if isinstance(val, list) and (len(val) != task.width or any(not 0 <= a for a in val)):
+            raise ConfigError(
+                f"loss.{attr}: expected 'auto', 'none' or a list of {task.width} non-negative numbers, got {val}"
+            )
+
+
 def _cross_checks(cfg: Config) -> None:
+    _check_tasks(cfg)
     lo, hi = cfg.data.augment.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.augment.crop_scale: expected 0 < low <= high <= 1, got {[lo, hi]}")
@@ -223,10 +253,6 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"data.clip_len ({cfg.data.clip_len}) exceeds model.temporal.max_len ({cfg.model.temporal.max_len})"
         )
-    for key, n in (("loss.expr_alpha", 8), ("loss.au_alpha", 12)):
-        val = getattr(cfg.loss, key.split(".")[1])
-        if isinstance(val, list) and (len(val) != n or any(not 0 <= a for a in val)):
-            raise ConfigError(f"{key}: expected 'auto', 'none' or a list of {n} non-negative numbers, got {val}")
 
 
 # ------------------------------------------------------------------------------------------------ typing

@@ -41,7 +41,7 @@ def _pack(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     for name, s in manifest["splits"].items():
-        tasks = ", ".join(f"{t} {s['tasks'][t]['labeled_frames']}" for t in ("va", "expr", "au"))
+        tasks = ", ".join(f"{t} {st['labeled_frames']}" for t, st in s["tasks"].items())
         skipped = f", {s['bad_rows_skipped']} bad rows skipped" if s["bad_rows_skipped"] else ""
         print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['images']} with image), {s['samples']} samples "
               f"in {len(s['shards'])} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
