@@ -16,9 +16,19 @@ from typing import Annotated, Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mtl.errors import MtlError
+from mtl.tasks import load_plugins, task_names, tasks
 
 
 class ConfigError(MtlError, ValueError):
@@ -43,11 +53,6 @@ Int = Annotated[int, Strict(), BeforeValidator(_integral)]
 Float = Annotated[float, Strict(), BeforeValidator(_yaml_float)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-
-
-def _task_names() -> tuple[str, ...]:
-    """The tasks `loss.weights` may name (to be read from the task registry once there is one)."""
-    return ("va", "expr", "au")
 
 
 class _Section(BaseModel):
@@ -111,9 +116,13 @@ class ModelConfig(_Section):
     mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
+class TasksConfig(_Section):
+    plugins: list[Str] = Field(default_factory=list)  # modules imported first, to register more tasks (mtl.tasks)
+
+
 class LossConfig(_Section):
     # task -> weight of its term in the total loss; tasks not named keep 1.0
-    weights: dict[str, Float] = Field(default_factory=lambda: dict.fromkeys(_task_names(), 1.0))
+    weights: dict[str, Float] = Field(default_factory=lambda: dict.fromkeys(task_names(), 1.0))
     focal_gamma: Float = Field(2.0, ge=0)
     expr_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's class counts
     au_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's AU positive counts
@@ -122,11 +131,11 @@ class LossConfig(_Section):
     @classmethod
     def _known_tasks(cls, weights: dict[str, float]) -> dict[str, float]:
         for name, w in weights.items():
-            if name not in _task_names():
-                raise _unknown_key(f"loss.weights.{name}", list(_task_names()))
+            if name not in task_names():
+                raise _unknown_key(f"loss.weights.{name}", list(task_names()))
             if w < 0:
                 raise ConfigError(f"loss.weights.{name}: expected a value >= 0, got {w}")
-        return {**dict.fromkeys(_task_names(), 1.0), **weights}
+        return {**dict.fromkeys(task_names(), 1.0), **weights}
 
 
 class OptimConfig(_Section):
@@ -180,6 +189,7 @@ class SlurmConfig(_Section):
 
 
 class Config(_Section):
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -187,6 +197,19 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _register_plugin_tasks(cls, data: Any) -> Any:
+        """The plugins' tasks exist before ``loss.weights`` is checked against the registered ones."""
+        section = data.get("tasks") if isinstance(data, dict) else None
+        plugins = section.get("plugins") if isinstance(section, dict) else getattr(section, "plugins", None)
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            try:
+                load_plugins(plugins)
+            except MtlError as exc:
+                raise ConfigError(f"tasks.plugins: {exc}") from None
+        return data
 
 
 def replace(section: BaseModel, **changes: Any) -> Any:
@@ -207,10 +230,17 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"data.clip_len ({cfg.data.clip_len}) exceeds model.temporal.max_len ({cfg.model.temporal.max_len})"
         )
-    for key, n in (("loss.expr_alpha", 8), ("loss.au_alpha", 12)):
-        val = getattr(cfg.loss, key.split(".")[1])
-        if isinstance(val, list) and (len(val) != n or any(not 0 <= a for a in val)):
-            raise ConfigError(f"{key}: expected 'auto', 'none' or a list of {n} non-negative numbers, got {val}")
+    for task in tasks():  # a task's class weights live in the loss setting it names
+        attr = getattr(task, "alpha_key", None)
+        if attr is None:
+            continue
+        if not hasattr(cfg.loss, attr):
+            raise ConfigError(f"task {task.name}: its class weights key loss.{attr} is not a loss setting")
+        val = getattr(cfg.loss, attr)
+        if isinstance(val, list) and (len(val) != task.width or any(not 0 <= a for a in val)):
+            raise ConfigError(
+                f"loss.{attr}: expected 'auto', 'none' or a list of {task.width} non-negative numbers, got {val}"
+            )
 
 
 # ------------------------------------------------------------------------------ pydantic errors, in our words

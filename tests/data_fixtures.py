@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mtl.constants import AU_NAMES, EXPR_NAMES
+from mtl.tasks.abaw import AU_NAMES, EXPR_NAMES
 
 VA_DIR, EXPR_DIR, AU_DIR = "VA_Estimation_Challenge", "EXPR_Recognition_Challenge", "AU_Detection_Challenge"
 TRAIN, VAL = "Train_Set", "Validation_Set"

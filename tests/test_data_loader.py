@@ -13,10 +13,10 @@ from PIL import Image
 
 from mtl.config import DataConfig, replace
 from mtl.data.abaw import parse_abaw
+from mtl.data.labels import ParseLog
 from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.pack import pack
-from mtl.data.records import ParseLog
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.transforms import decode_clip
 from mtl.errors import DataError

@@ -23,9 +23,9 @@ from data_fixtures import (
 )
 
 from mtl.data.abaw import parse_abaw
-from mtl.data.mtl_track import parse_mtl
+from mtl.data.labels import ParseLog
+from mtl.data.mtl_track_file import parse_mtl
 from mtl.data.pack import pack
-from mtl.data.records import ParseLog
 from mtl.errors import DataError
 
 

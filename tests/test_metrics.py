@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import confusion_matrix, f1_score
 
-from mtl.constants import AU_NAMES, EXPR_NAMES
 from mtl.metrics import ABAWMetrics
+from mtl.tasks.abaw import AU_NAMES, EXPR_NAMES
 
 
 def np_ccc(x: np.ndarray, y: np.ndarray) -> float:
@@ -95,7 +95,7 @@ def test_streamed_metrics_match_sklearn_and_numpy() -> None:
     m = np.concatenate([(b["expr_valid"] & ~b["pad"]).reshape(-1).numpy() for _, b in batches])
     yt = np.concatenate([b["expr"].reshape(-1).numpy() for _, b in batches])[m]
     yp = np.concatenate([o["expr"].reshape(-1, 8).argmax(-1).numpy() for o, _ in batches])[m]
-    assert np.array_equal(metrics.confusion(), confusion_matrix(yt, yp, labels=list(range(8))))
+    assert np.array_equal(metrics.confusion("expr"), confusion_matrix(yt, yp, labels=list(range(8))))
     assert got["expr_frames"] == m.sum()
 
 
@@ -105,7 +105,7 @@ def test_tuned_au_thresholds_reproduce_their_f1() -> None:
     for outputs, batch in batches:
         metrics.update(outputs, batch)
     got = metrics.compute()
-    thr = metrics.au_thresholds()
+    thr = metrics.thresholds()["au"]
     assert thr.shape == (12,) and ((0 <= thr) & (thr <= 1)).all()
     assert got["au_f1_tuned"] >= got["au_f1"] - 1e-12
     assert not np.allclose(thr, 0.5)
@@ -127,10 +127,10 @@ def test_tuned_au_thresholds_reproduce_their_f1() -> None:
 
 def test_va_sample_is_a_bounded_subsample_of_valid_pairs() -> None:
     batches = make_batches()
-    metrics = ABAWMetrics(va_sample_size=50)
+    metrics = ABAWMetrics(sample_size=50)
     for outputs, batch in batches:
         metrics.update(outputs, batch)
-    pred, true = metrics.va_sample()
+    pred, true = metrics.sample("va")
     assert pred.shape == true.shape == (50, 2)
     pairs = {
         tuple(np.r_[o["va"].reshape(-1, 2)[i].numpy(), b["va"].reshape(-1, 2)[i].numpy()].tolist())
@@ -138,9 +138,9 @@ def test_va_sample_is_a_bounded_subsample_of_valid_pairs() -> None:
         for i in np.flatnonzero((b["va_valid"] & ~b["pad"]).reshape(-1).numpy())
     }
     assert all(tuple(np.r_[p, t].astype(np.float32).tolist()) in pairs for p, t in zip(pred, true))
-    small = ABAWMetrics(va_sample_size=10_000)
+    small = ABAWMetrics(sample_size=10_000)
     small.update(*batches[0])
-    assert small.va_sample()[0].shape[0] == int((batches[0][1]["va_valid"] & ~batches[0][1]["pad"]).sum())
+    assert small.sample("va")[0].shape[0] == int((batches[0][1]["va_valid"] & ~batches[0][1]["pad"]).sum())
 
 
 def test_empty_metrics_are_zero_not_nan() -> None:
@@ -158,13 +158,17 @@ def test_empty_metrics_are_zero_not_nan() -> None:
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        metrics = ABAWMetrics(va_sample_size=40)
+        metrics = ABAWMetrics(sample_size=40)
         for i, (outputs, batch) in enumerate(make_batches()):
             if i % world == rank:
                 metrics.update(outputs, batch)
         metrics.all_reduce()
-        pred, _ = metrics.va_sample()
-        result = {"metrics": metrics.compute(), "sample": pred.tolist(), "thresholds": metrics.au_thresholds().tolist()}
+        pred, _ = metrics.sample("va")
+        result = {
+            "metrics": metrics.compute(),
+            "sample": pred.tolist(),
+            "thresholds": metrics.thresholds()["au"].tolist(),
+        }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -177,7 +181,7 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(tmp_path: Path) -> No
         port = s.getsockname()[1]
     mp.spawn(_rank_main, args=(2, port, str(tmp_path)), nprocs=2, join=True)
 
-    single = ABAWMetrics(va_sample_size=40)
+    single = ABAWMetrics(sample_size=40)
     for outputs, batch in make_batches():
         single.update(outputs, batch)
     want = single.compute()
@@ -185,6 +189,6 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(tmp_path: Path) -> No
     assert results[0]["sample"] == results[1]["sample"]  # one merged sample, the same on every rank
     for rank, got in enumerate(results):
         assert len(got["sample"]) == 40
-        assert np.allclose(got["thresholds"], single.au_thresholds())
+        assert np.allclose(got["thresholds"], single.thresholds()["au"])
         for k, v in want.items():
             assert got["metrics"][k] == pytest.approx(v, abs=1e-9), (rank, k)

@@ -10,12 +10,22 @@ from mtl.config import ConfigError, LossConfig, from_dict
 from mtl.errors import MtlError
 from mtl.objectives import (
     MultiTaskLoss,
-    au_weights,
     ccc_loss,
-    expr_alpha,
+    class_alpha,
+    pos_neg_weights,
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from mtl.tasks import get_task
+
+
+def expr_alpha(spec, stats):
+    return class_alpha(spec, stats, get_task("expr"))
+
+
+def au_weights(spec, stats):
+    return pos_neg_weights(spec, stats, get_task("au"))
+
 
 B, T = 3, 7
 STATS = {

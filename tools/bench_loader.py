@@ -42,9 +42,9 @@ from torchvision.io import decode_jpeg as tv_decode_jpeg
 from mtl.allocator import keep_freed_memory
 from mtl.config import AugmentConfig, DataConfig
 from mtl.data.abaw import parse_abaw
+from mtl.data.labels import ParseLog
 from mtl.data.loader import make_train_loader
 from mtl.data.manifest import read_manifest
-from mtl.data.records import ParseLog
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_jpeg
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -40,11 +40,11 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, DataConfig, from_dict
-from mtl.constants import NUM_AU, NUM_EXPR
 from mtl.engine.ds_config import build_ds_config
 from mtl.engine.schedule import build_optimizer, build_scheduler
 from mtl.model import build_model, param_groups
 from mtl.objectives import MultiTaskLoss
+from mtl.tasks.abaw import AU, EXPR
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 _DEFAULTS = {  # per device: what a run without flags measures
@@ -139,9 +139,9 @@ def make_batch(b: int, t: int, image_size: int, seed: int, device: torch.device)
         "pad": torch.zeros(b, t, dtype=torch.bool),
         "va": torch.rand(b, t, 2, generator=g) * 2 - 1,
         "va_valid": valid(),
-        "expr": torch.randint(0, NUM_EXPR, (b, t), generator=g),
+        "expr": torch.randint(0, EXPR.width, (b, t), generator=g),
         "expr_valid": valid(),
-        "au": torch.randint(0, 2, (b, t, NUM_AU), generator=g).float(),
+        "au": torch.randint(0, 2, (b, t, AU.width), generator=g).float(),
         "au_valid": valid(),
     }
     return {k: v.to(device) for k, v in batch.items()}
@@ -155,7 +155,7 @@ def train_stats(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "va": {"labeled_frames": int(batch["va_valid"].sum()), "labeled_missing_image": 0},
         "expr": {"labeled_frames": int(expr.numel()), "labeled_missing_image": 0,
-                 "class_counts": torch.bincount(expr, minlength=NUM_EXPR).tolist()},
+                 "class_counts": torch.bincount(expr, minlength=EXPR.width).tolist()},
         "au": {"labeled_frames": int(au.shape[0]), "labeled_missing_image": 0,
                "positive_counts": au.sum(0).long().tolist()},
     }  # fmt: skip

@@ -23,7 +23,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from mtl.data.pack import pack
     from mtl.errors import DataError
+    from mtl.tasks import load_plugins
 
+    load_plugins(args.task_plugin, key="--task-plugin")
     mtl_files = {k: Path(v) for k, v in (("train", args.mtl_train), ("val", args.mtl_val)) if v}
     if bool(args.annotations) == bool(mtl_files):
         raise DataError("give exactly one of --annotations DIR (ABAW tree) and --mtl-train/--mtl-val FILE (MTL track)")
@@ -41,7 +43,7 @@ def _pack(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     for name, s in manifest["splits"].items():
-        tasks = ", ".join(f"{t} {s['tasks'][t]['labeled_frames']}" for t in ("va", "expr", "au"))
+        tasks = ", ".join(f"{t} {st['labeled_frames']}" for t, st in s["tasks"].items())
         skipped = f", {s['bad_rows_skipped']} bad rows skipped" if s["bad_rows_skipped"] else ""
         print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['images']} with image), {s['samples']} samples "
               f"in {len(s['shards'])} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
@@ -91,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad annotation rows and empty files")
     p.add_argument("--seed", type=int, default=0, help="seed of the training split's sample order")
     p.add_argument("--overwrite", action="store_true", help="replace a different pack already in --out")
+    p.add_argument("--task-plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: it registers more tasks (as the config's tasks.plugins)")  # fmt: skip
     p.set_defaults(func=_pack)
 
     p = sub.add_parser("shards", help="inspect packed shards")

@@ -9,8 +9,9 @@ concatenated), cut at sample granularity into equal contiguous pieces: one per r
 worker still streams its shards front to back (a piece has at most two partial shards, entered by seeking), and
 webdataset provides the tar grouping and the shuffle buffer.
 
-Batch contract (see the project notes): frames f32 [B,T,3,H,W], has_image/pad bool [B,T], va f32 [B,T,2], expr i64
-[B,T], au f32 [B,T,12], *_valid bool [B,T]; training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
+Batch contract (see the project notes): frames f32 [B,T,3,H,W], has_image/pad bool [B,T], and per registered task
+its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12]) and ``<task>_valid`` bool [B,T];
+training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
 index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
 
 Workers write uint8 pixels into a shared-memory ring of batch buffers (``PixelRing``, made once per pass and reused)
@@ -34,12 +35,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
 from mtl.allocator import keep_freed_memory
-from mtl.constants import NUM_AU
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.ring import PixelRing
 from mtl.data.shardio import Sample, ShardReader, parse_sample, read_raw
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
 from mtl.errors import DataError
+from mtl.tasks import tasks
 
 # ------------------------------------------------------------------------------------------------ plan
 
@@ -146,16 +147,15 @@ def plan_eval(
 def label_arrays(batch: int, clip_len: int) -> dict[str, np.ndarray]:
     """Per-frame fields of a batch, all padding; numpy so a worker sends them through its pipe in one pickle
     (as tensors each would need its own shared-memory segment and file-descriptor handshake)."""
+    labels = {}
+    for t in tasks():
+        labels[t.name] = np.zeros((batch, clip_len, *t.label_shape), t.batch_dtype)
+        labels[t.valid_key] = np.zeros((batch, clip_len), bool)
     return {
         "has_image": np.zeros((batch, clip_len), bool),
         "pad": np.ones((batch, clip_len), bool),
         "frame": np.zeros((batch, clip_len), np.int64),
-        "va": np.zeros((batch, clip_len, 2), np.float32),
-        "va_valid": np.zeros((batch, clip_len), bool),
-        "expr": np.zeros((batch, clip_len), np.int64),
-        "expr_valid": np.zeros((batch, clip_len), bool),
-        "au": np.zeros((batch, clip_len, NUM_AU), np.float32),
-        "au_valid": np.zeros((batch, clip_len), bool),
+        **labels,
         "gain": np.zeros((batch, clip_len, 3), np.float32),  # pixels -> normalised frames, per frame and channel
         "bias": np.zeros((batch, clip_len, 3), np.float32),  # (0 where there is no image: those frames stay 0)
     }

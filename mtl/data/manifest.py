@@ -8,9 +8,9 @@ Layout (paths relative to the data root)::
      "splits": {"train": {
          "videos", "frames", "images", "samples",
          "shards": [{"path", "samples", "frames", "images", "bytes", "sha256", "sample_frames": [int, ...]}],
-         "tasks": {"va":   {"videos", "labeled_frames", "labeled_missing_image"},
+         "tasks": {"va":   {"videos", "labeled_frames", "labeled_missing_image"},   # one per registered task
                    "expr": {..., "class_counts": [8]},     # over labeled_frames (valid label, image present)
-                   "au":   {..., "positive_counts": [12]}},
+                   "au":   {..., "positive_counts": [12]}},   # (fields by the task's kind)
          "video_frames": {video: frames}, "videos_without_images": [...],
          "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...]},
        "val": {...}},
@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mtl.constants import NUM_AU, NUM_EXPR, TASKS
 from mtl.errors import DataError
+from mtl.tasks import get_task, task_names
 
 FORMAT = "mtl-shards/1"
 _NUMBER_LIST = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]")
@@ -89,20 +89,23 @@ def _check_split(path: Path, name: str, s: Any) -> None:
     _need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
     tasks = s.get("tasks")
     _need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
-    for task in TASKS:
-        t = tasks.get(task)
-        tk = f"{key}.tasks.{task}"
-        _need(isinstance(t, dict), path, tk, "missing")
+    # Every task packed is checked if it is registered here; a task registered after the pack is simply absent.
+    _need(any(t in tasks for t in task_names()), path, f"{key}.tasks", f"none of the tasks {', '.join(task_names())}")
+    for name in task_names():
+        if name not in tasks:
+            continue
+        t, tk = tasks[name], f"{key}.tasks.{name}"
+        _need(isinstance(t, dict), path, tk, "expected a mapping")
         for k in ("labeled_frames", "labeled_missing_image"):
             _need(_is_count(t.get(k)), path, f"{tk}.{k}", "expected a non-negative integer")
-    for task, k, n in (("expr", "class_counts", NUM_EXPR), ("au", "positive_counts", NUM_AU)):
-        v = tasks[task].get(k)
-        _need(
-            isinstance(v, list) and len(v) == n and all(_is_count(x) for x in v),
-            path,
-            f"{key}.tasks.{task}.{k}",
-            f"expected {n} non-negative integers",
-        )
+        for k, n in get_task(name).count_fields().items():
+            v = t.get(k)
+            _need(
+                isinstance(v, list) and len(v) == n and all(_is_count(x) for x in v),
+                path,
+                f"{tk}.{k}",
+                f"expected {n} non-negative integers",
+            )
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -27,15 +27,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mtl.constants import NUM_AU, NUM_EXPR, TASKS
+from mtl.data.labels import ParseLog, SplitLabels
 from mtl.data.manifest import FORMAT, MANIFEST, file_sha256, write_manifest
-from mtl.data.records import ParseLog, SplitLabels
-from mtl.data.shardio import JPEG_MAGIC, encode_sample, write_shard
+from mtl.data.shardio import JPEG_MAGIC, encode_sample, label_meta, write_shard
 from mtl.errors import DataError
+from mtl.tasks import tasks
 
 PLAN_FILE = ".pack-plan.json"
 _FRAME_NAME = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
-_LABEL_KEYS = ("va", "va_valid", "expr", "expr_valid", "au", "au_valid")
+
+
+def _label_keys() -> tuple[str, ...]:
+    return tuple(k for t in tasks() for k in (t.name, t.valid_key))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -104,7 +107,7 @@ class PackedVideo:
 
     def digest(self) -> str:
         h = hashlib.sha256(f"{self.name}|{self.n}|{','.join(self.tasks)}".encode())
-        for k in _LABEL_KEYS:
+        for k in _label_keys():
             h.update(np.ascontiguousarray(self.labels[k]).tobytes())
         for arr in (self.images.frames, self.images.sizes, self.images.mtimes):
             h.update(arr.tobytes())
@@ -116,11 +119,11 @@ class PackedVideo:
 def build_video(name: str, labels, images: VideoImages) -> PackedVideo:
     n = max(labels.rows, images.last)
     dense = labels.dense(n)
-    dense["expr"] = dense["expr"].astype(np.int8)
-    dense["au"] = dense["au"].astype(np.int8)
+    for t in tasks():
+        dense[t.name] = dense[t.name].astype(t.pack_dtype)
     has_image = np.zeros(n, bool)
     has_image[images.frames - 1] = True
-    return PackedVideo(name, n, dense, has_image, images, tuple(t for t in TASKS if t in labels.tasks))
+    return PackedVideo(name, n, dense, has_image, images, tuple(t.name for t in tasks() if t.name in labels.tasks))
 
 
 def segments(n: int, segment_len: int) -> list[tuple[int, int]]:
@@ -157,12 +160,7 @@ def write_shard_job(job: dict) -> dict:
     samples = []
     for i, s in enumerate(job["samples"]):
         jpegs = [None if name is None else _read_jpeg(Path(s["folder"]) / name) for name in s["names"]]
-        lab = s["labels"]
-        meta = {
-            "video": s["video"],
-            "frames": s["frames"],
-            **{k: lab[k].astype(int).tolist() if k.endswith("_valid") else lab[k].tolist() for k in _LABEL_KEYS},
-        }
+        meta = {"video": s["video"], "frames": s["frames"], **label_meta(s["labels"])}
         samples.append(encode_sample(i, meta, jpegs))
     path = Path(job["path"])
     write_shard(path, samples)
@@ -182,7 +180,7 @@ def _shard_jobs(out: Path, split: str, videos: list[PackedVideo], plan, shard_si
                     "folder": str(v.images.folder) if v.images.folder else "",
                     "frames": frames,
                     "names": [v.images.name(f) if v.has_image[f - 1] else None for f in frames],
-                    "labels": {key: v.labels[key][a:b] for key in _LABEL_KEYS},
+                    "labels": {key: v.labels[key][a:b] for key in _label_keys()},
                 }
             )
         yield {
@@ -267,26 +265,23 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]
 
 
 def split_stats(videos: list[PackedVideo]) -> dict:
-    tasks = {t: {"videos": 0, "labeled_frames": 0, "labeled_missing_image": 0} for t in TASKS}
-    class_counts = np.zeros(NUM_EXPR, np.int64)
-    positive_counts = np.zeros(NUM_AU, np.int64)
-    for v in videos:
-        for t in TASKS:
-            valid = v.labels[f"{t}_valid"]
-            tasks[t]["videos"] += t in v.tasks
-            tasks[t]["labeled_frames"] += int((valid & v.has_image).sum())
-            tasks[t]["labeled_missing_image"] += int((valid & ~v.has_image).sum())
-        sel = v.labels["expr_valid"] & v.has_image
-        class_counts += np.bincount(v.labels["expr"][sel], minlength=NUM_EXPR)
-        sel = v.labels["au_valid"] & v.has_image
-        positive_counts += v.labels["au"][sel].sum(0, dtype=np.int64)
-    tasks["expr"]["class_counts"] = class_counts.tolist()
-    tasks["au"]["positive_counts"] = positive_counts.tolist()
+    stats: dict[str, dict] = {}
+    for t in tasks():
+        st = stats[t.name] = {"videos": 0, "labeled_frames": 0, "labeled_missing_image": 0}
+        counts = {k: np.zeros(n, np.int64) for k, n in t.count_fields().items()}
+        for v in videos:
+            valid = v.labels[t.valid_key]
+            st["videos"] += t.name in v.tasks
+            st["labeled_frames"] += int((valid & v.has_image).sum())
+            st["labeled_missing_image"] += int((valid & ~v.has_image).sum())
+            for k, c in t.counts(v.labels[t.name][valid & v.has_image]).items():
+                counts[k] += c
+        st.update({k: c.tolist() for k, c in counts.items()})
     return {
         "videos": len(videos),
         "frames": int(sum(v.n for v in videos)),
         "images": int(sum(int(v.has_image.sum()) for v in videos)),
-        "tasks": tasks,
+        "tasks": stats,
         "video_frames": {v.name: v.n for v in videos},
         "videos_without_images": [v.name for v in videos if v.images.folder is None],
     }
@@ -302,7 +297,7 @@ def _read_labels(annotations: Path | None, mtl_files: dict[str, Path] | None, lo
         from mtl.data.abaw import parse_abaw
 
         return parse_abaw(Path(annotations), log)
-    from mtl.data.mtl_track import parse_mtl
+    from mtl.data.mtl_track_file import parse_mtl
 
     return parse_mtl({k: Path(v) for k, v in mtl_files.items()}, log)
 

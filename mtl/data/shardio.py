@@ -7,8 +7,9 @@ A sample is one segment of consecutive frames of one video, stored as two tar me
   re-encoded). One member per segment instead of one per frame: a 64-frame sample costs one tar header and one
   read, not 64, and the loader decodes them as a batch.
 - ``NNNNNN.json``: ``video``, ``frames`` (1-based numbers), ``has_image`` and ``jpeg_sizes`` (0 where no image) per
-  frame, and per-frame labels with their validity: ``va`` [[v, a]], ``expr``, ``au`` [[12]], ``*_valid`` (0/1);
-  labels are 0 where invalid.
+  frame, and per-frame labels with their validity, under each registered task's name: ``va`` [[v, a]], ``expr``,
+  ``au`` [[12]], ``*_valid`` (0/1); labels are 0 where invalid. A registered task missing from a sample (shards
+  packed before it was registered) reads as no label on any frame.
 
 No pickle: JSON and raw JPEG bytes only. Shards are plain, uncompressed, USTAR tars with fixed member metadata
 (mtime 0, no owner) so the same input gives byte-identical files.
@@ -27,14 +28,23 @@ import numpy as np
 from webdataset.tariterators import group_by_keys
 from webdataset.writer import TarWriter
 
-from mtl.constants import NUM_AU, NUM_EXPR
 from mtl.errors import DataError
+from mtl.tasks import tasks
 
 JPEG_MAGIC = b"\xff\xd8"
 
 
 def sample_key(index: int) -> str:
     return f"{index:06d}"
+
+
+def label_meta(labels: dict[str, np.ndarray]) -> dict[str, list]:
+    """The JSON fields of a segment's labels: each task's values and its 0/1 validity, per frame."""
+    out: dict[str, list] = {}
+    for t in tasks():
+        out[t.name] = labels[t.name].tolist()
+        out[t.valid_key] = labels[t.valid_key].astype(int).tolist()
+    return out
 
 
 def encode_sample(index: int, meta: dict, jpegs: list[bytes | None]) -> dict:
@@ -153,7 +163,7 @@ class Sample:
     has_image: np.ndarray  # bool [S]
     offsets: np.ndarray  # int64 [S + 1]; frame i's JPEG is blob[offsets[i]:offsets[i + 1]] (empty if none)
     blob: bytes
-    labels: dict[str, np.ndarray]  # va [S,2] f32, va_valid, expr [S] i64, expr_valid, au [S,12] f32, au_valid
+    labels: dict[str, np.ndarray]  # per task: <name> [S, *label_shape] of its batch_dtype, <name>_valid bool [S]
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -169,14 +179,13 @@ def parse_sample(raw: dict, where: str) -> Sample:
         n = len(frames)
         sizes = np.asarray(meta["jpeg_sizes"], np.int64)
         has_image = np.asarray(meta["has_image"], bool)
-        labels = {
-            "va": np.asarray(meta["va"], np.float32).reshape(n, 2),
-            "va_valid": np.asarray(meta["va_valid"], bool),
-            "expr": np.asarray(meta["expr"], np.int64),
-            "expr_valid": np.asarray(meta["expr_valid"], bool),
-            "au": np.asarray(meta["au"], np.float32).reshape(n, NUM_AU),
-            "au_valid": np.asarray(meta["au_valid"], bool),
-        }
+        labels = {}
+        for t in tasks():
+            if t.name in meta:
+                labels[t.name] = np.asarray(meta[t.name], t.batch_dtype).reshape(n, *t.label_shape)
+                labels[t.valid_key] = np.asarray(meta[t.valid_key], bool)
+            else:
+                labels[t.name], labels[t.valid_key] = t.empty(n, t.batch_dtype), np.zeros(n, bool)
         video = str(meta["video"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{where}: sample {raw['__key__']} has bad metadata ({exc})") from None
@@ -192,8 +201,7 @@ def parse_sample(raw: dict, where: str) -> Sample:
             problems.append("jpeg_sizes disagree with has_image")
         if int(sizes.sum()) != len(blob):
             problems.append(f"JPEG sizes add up to {int(sizes.sum())} bytes, the .jpgs member has {len(blob)}")
-        if (labels["expr"] < 0).any() or (labels["expr"] >= NUM_EXPR).any():
-            problems.append("expression class out of range")
+        problems += [p for t in tasks() if (p := t.label_problem(labels[t.name])) is not None]
     if problems:
         raise DataError(f"{where}: sample {raw['__key__']}: {'; '.join(problems)}")
     offsets = np.zeros(n + 1, np.int64)

@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mtl.constants import AU_NAMES, EXPR_NAMES, NUM_AU, NUM_EXPR
 from mtl.errors import DataError
+from mtl.tasks.abaw import AU, EXPR, VA
 
 SIZE = 112
 SS = 2  # drawn at 2x, then box-filtered down: smooth edges without per-shape antialiasing
-TASK_FOLDERS = {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge", "au": "AU_Detection_Challenge"}
 SPLIT_FOLDERS = {"train": "Train_Set", "val": "Validation_Set"}
-HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_NAMES), "au": ",".join(AU_NAMES)}
+TASKS = (VA, EXPR, AU)  # the tasks the drawn faces carry (folders, headers and row format from their descriptions)
+NUM_EXPR, NUM_AU = EXPR.width, AU.width
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -140,11 +140,12 @@ def plan_videos(videos: int, frames: int, seed: int) -> list[SynthVideo]:
             vseed = int(rng.integers(1 << 31))
             vr = np.random.default_rng(vseed)
             n = max(16, int(round(frames * vr.uniform(0.7, 1.3))))
-            tasks = ["va", "expr", "au"]
+            tasks = [VA.name, EXPR.name, AU.name]
             if split == "train" and count >= 5:  # video sets differ per task
-                tasks = [t for t, skip in (("va", i == 2), ("expr", i == 3), ("au", i in (2, 4))) if not skip]
+                skip = {VA.name: i == 2, EXPR.name: i == 3, AU.name: i in (2, 4)}
+                tasks = [t for t in tasks if not skip[t]]
             elif split == "val" and count >= 4 and i == 3:
-                tasks = ["va", "expr"]
+                tasks = [VA.name, EXPR.name]
             va = np.round(np.stack([smooth_walk(vr, n), smooth_walk(vr, n)], 1), 4)
             expr = piecewise(vr, n, 18, 50, deck)
             au = np.stack([au_track(vr, n) for _ in range(NUM_AU)], 1)
@@ -165,23 +166,21 @@ def plan_videos(videos: int, frames: int, seed: int) -> list[SynthVideo]:
 
 def write_annotations(root: Path, v: SynthVideo) -> None:
     nl = "\r\n" if v.crlf else "\n"
-    rows = range(v.label_rows)
-    va_bad, ex_bad, au_bad = set(v.va_invalid.tolist()), set(v.expr_invalid.tolist()), set(v.au_invalid.tolist())
-    partial_au = v.label_rows // 2 if v.au_invalid.size else -1  # one frame with a single AU marked -1
-    lines = {
-        "va": ["-5,-5" if i in va_bad else f"{v.va[i, 0]:.4f},{v.va[i, 1]:.4f}" for i in rows],
-        "expr": ["-1" if i in ex_bad else str(int(v.expr[i])) for i in rows],
-        "au": [
-            ",".join(["-1"] * NUM_AU)
-            if i in au_bad
-            else ",".join(["-1" if (i == partial_au and j == 5) else str(int(x)) for j, x in enumerate(v.au[i])])
-            for i in rows
-        ],
-    }
-    for task in v.tasks:
-        folder = root / TASK_FOLDERS[task] / SPLIT_FOLDERS[v.split]
+    values = {VA.name: v.va, EXPR.name: v.expr, AU.name: v.au}
+    invalid = {VA.name: v.va_invalid, EXPR.name: v.expr_invalid, AU.name: v.au_invalid}
+    for task in TASKS:
+        if task.name not in v.tasks:
+            continue
+        bad = set(invalid[task.name].tolist())
+        lines = [task.format_row(values[task.name][i], i not in bad) for i in range(v.label_rows)]
+        partial = v.label_rows // 2
+        if task is AU and v.au_invalid.size and partial not in bad:  # one frame with a single AU marked -1
+            fields = lines[partial].split(",")
+            fields[5] = str(AU.invalid)
+            lines[partial] = ",".join(fields)
+        folder = root / task.folders[0] / SPLIT_FOLDERS[v.split]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{v.name}.txt").write_bytes((HEADERS[task] + nl + nl.join(lines[task]) + nl).encode())
+        (folder / f"{v.name}.txt").write_bytes((",".join(task.columns) + nl + nl.join(lines) + nl).encode())
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -334,9 +333,9 @@ def make_synth(
     plan = plan_videos(videos, frames, seed)
     for v in plan:
         write_annotations(annotations, v)
-    for task in TASK_FOLDERS.values():  # both split folders exist for every task, as in the release
+    for task in TASKS:  # both split folders exist for every task, as in the release
         for split in SPLIT_FOLDERS.values():
-            (annotations / task / split).mkdir(parents=True, exist_ok=True)
+            (annotations / task.folders[0] / split).mkdir(parents=True, exist_ok=True)
     extra_rng = np.random.default_rng([seed, 0xE7])
     extra = SynthVideo("999-25-480x270", "none", 24, int(extra_rng.integers(1 << 31)), (),
                        np.zeros((24, 2)), np.zeros(24, np.int64), np.zeros((24, NUM_AU), np.int64), 0)  # fmt: skip

@@ -84,8 +84,9 @@ class ClipAugment:
 class ClipTransform:
     """uint8 clip -> normalised float32 [n, 3, size, size], in two halves.
 
-    ``prepare`` (in a loader worker): crop, resize and flip on uint8, where the resize has its fast SIMD path, plus
-    the per-frame affine map ``gain * x + bias`` (per channel) that does brightness, contrast and normalisation.
+    ``geometry`` and ``affine`` (in a loader worker): crop, resize and flip on uint8, where the resize has its fast
+    SIMD path, and the per-frame map ``gain * x + bias`` (per channel) that does brightness, contrast and
+    normalisation.
     ``finish`` (where the batch is consumed, on the GPU when there is one): one multiply-add to float. Workers thus
     hand over uint8 pixels, a quarter of the bytes of float ones through shared memory (and to the GPU).
     """

@@ -11,27 +11,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtl.constants import AU_NAMES, EXPR_NAMES
 from mtl.metrics import ABAWMetrics
+from mtl.tasks import tasks
 
 Forward = Callable[[dict], dict[str, torch.Tensor]]
+TUNED_SUBMISSION = "submission_tuned_au"  # submission with tuned thresholds (named when AU was the only such task)
 
 
 @dataclass
 class FramePredictions:
-    """Per-frame outputs in loader order; filled only when asked for (``mtl eval``), not during training."""
+    """Per-frame outputs in loader order; filled only when asked for (``mtl eval``), not during training.
+
+    ``outputs[task]``: what the task's ``predict`` makes of its head (VA values, EXPR and AU probabilities)."""
 
     video: list[str] = field(default_factory=list)
     frame: list[int] = field(default_factory=list)
-    va: list[np.ndarray] = field(default_factory=list)
-    expr_prob: list[np.ndarray] = field(default_factory=list)
-    au_prob: list[np.ndarray] = field(default_factory=list)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=lambda: {t.name: [] for t in tasks()})
 
     def add(self, outputs: dict[str, torch.Tensor], batch: dict) -> None:
         keep = ~batch["pad"].cpu()
-        va = outputs["va"].float().cpu()
-        expr = outputs["expr"].float().softmax(-1).cpu()
-        au = outputs["au"].float().sigmoid().cpu()
+        pred = {t.name: t.predict(outputs[t.name].float()).cpu() for t in tasks()}
         frames = batch["frame"].cpu()
         for b, name in enumerate(batch["video"]):
             sel = keep[b]
@@ -40,14 +39,13 @@ class FramePredictions:
                 continue
             self.video.extend([name] * n)
             self.frame.extend(frames[b][sel].tolist())
-            self.va.append(va[b][sel].numpy())
-            self.expr_prob.append(expr[b][sel].numpy())
-            self.au_prob.append(au[b][sel].numpy())
+            for task, p in pred.items():
+                self.outputs[task].append(p[b][sel].numpy())
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.va:
-            return np.zeros((0, 2)), np.zeros((0, len(EXPR_NAMES))), np.zeros((0, len(AU_NAMES)))
-        return np.concatenate(self.va), np.concatenate(self.expr_prob), np.concatenate(self.au_prob)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Task -> [frames, width] array."""
+        return {t.name: np.concatenate(self.outputs[t.name]) if self.outputs[t.name] else np.zeros((0, t.width))
+                for t in tasks()}  # fmt: skip
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -77,48 +75,33 @@ def evaluate(
     return metrics, preds
 
 
-def write_predictions(preds: FramePredictions, path: Path, au_thresholds: np.ndarray | None = None) -> None:
-    """One row per frame: ids, VA, EXPR class and probabilities, AU decisions and probabilities."""
-    va, expr_prob, au_prob = preds.arrays()
-    thr = np.full(len(AU_NAMES), 0.5) if au_thresholds is None else np.asarray(au_thresholds)
+def write_predictions(preds: FramePredictions, path: Path, thresholds: dict[str, np.ndarray] | None = None) -> None:
+    """One row per frame: ids, then each task's columns (VA values; EXPR class and probabilities; AU decisions
+    at ``thresholds`` (default 0.5) and probabilities)."""
+    arrays, thresholds = preds.arrays(), thresholds or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            ["video", "frame", "valence", "arousal", "expression"]
-            + [f"p_{n}" for n in EXPR_NAMES]
-            + list(AU_NAMES)
-            + [f"p_{n}" for n in AU_NAMES]
-        )
+        w.writerow(["video", "frame"] + [c for t in tasks() for c in t.prediction_header()])
         for i, (video, frame) in enumerate(zip(preds.video, preds.frame)):
-            w.writerow(
-                [video, frame, f"{va[i, 0]:.5f}", f"{va[i, 1]:.5f}", int(expr_prob[i].argmax())]
-                + [f"{p:.5f}" for p in expr_prob[i]]
-                + [int(p >= t) for p, t in zip(au_prob[i], thr)]
-                + [f"{p:.5f}" for p in au_prob[i]]
-            )
+            cells = [c for t in tasks() for c in t.prediction_cells(arrays[t.name][i], thresholds.get(t.name))]
+            w.writerow([video, frame, *cells])
 
 
-def write_submission(preds: FramePredictions, out_dir: Path, au_thresholds: np.ndarray | None = None) -> list[Path]:
+def write_submission(
+    preds: FramePredictions, out_dir: Path, thresholds: dict[str, np.ndarray] | None = None
+) -> list[Path]:
     """ABAW test-submission files, one per task, a row for every frame: ``video/NNNNN.jpg,...``."""
-    va, expr_prob, au_prob = preds.arrays()
-    thr = np.full(len(AU_NAMES), 0.5) if au_thresholds is None else np.asarray(au_thresholds)
+    arrays, thresholds = preds.arrays(), thresholds or {}
     order = sorted(range(len(preds.frame)), key=lambda i: (preds.video[i], preds.frame[i]))
     images = [f"{preds.video[i]}/{preds.frame[i]:05d}.jpg" for i in order]
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "VA.txt": ("image_location,valence,arousal", [f"{va[i, 0]:.5f},{va[i, 1]:.5f}" for i in order]),
-        "EXPR.txt": ("image_location," + ",".join(EXPR_NAMES), [str(int(expr_prob[i].argmax())) for i in order]),
-        "AU.txt": (
-            "image_location," + ",".join(AU_NAMES),
-            [",".join(str(int(p >= t)) for p, t in zip(au_prob[i], thr)) for i in order],
-        ),
-    }
     written = []
-    for name, (header, rows) in files.items():
-        path = out_dir / name
+    for t in tasks():
+        path = out_dir / t.submission
+        rows = [t.submission_cells(arrays[t.name][i], thresholds.get(t.name)) for i in order]
         with open(path, "w") as f:
-            f.write(header + "\n")
+            f.write("image_location," + ",".join(t.columns) + "\n")
             f.writelines(f"{img},{row}\n" for img, row in zip(images, rows))
         written.append(path)
     return written

@@ -10,7 +10,7 @@ import torch
 from mtl.config import Config, deep_merge, from_dict, parse_overrides
 from mtl.data.loader import make_eval_loader
 from mtl.engine import checkpoint as ckpt
-from mtl.engine.evaluate import evaluate, write_predictions, write_submission
+from mtl.engine.evaluate import TUNED_SUBMISSION, evaluate, write_predictions, write_submission
 from mtl.engine.export import consolidate, load_weights
 from mtl.errors import MtlError
 from mtl.model import build_model
@@ -63,10 +63,9 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
         out_dir = base / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     assert preds is not None
-    thresholds = metrics.au_thresholds()
     write_predictions(preds, out_dir / "predictions.csv")
     write_submission(preds, out_dir / "submission")
-    write_submission(preds, out_dir / "submission_tuned_au", au_thresholds=thresholds)
+    write_submission(preds, out_dir / TUNED_SUBMISSION, thresholds=metrics.thresholds())
     (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
     print(f"predictions, metrics and ABAW submission files written to {out_dir}")
     return scores

@@ -16,7 +16,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -319,9 +318,3 @@ class Trainer:
 def train(cfg: Config) -> TrainResult:
     """Entry point for every launcher; see the module docstring."""
     return Trainer(cfg).run()
-
-
-def summary_line(scores: dict[str, Any]) -> str:
-    """The one-line JSON that `mtl demo`, `mtl train` and `mtl eval` end with."""
-    keys = ("va_ccc", "expr_f1", "au_f1", "mtl_score")
-    return json.dumps({k: round(float(scores[k]), 4) for k in keys if k in scores})

@@ -1,4 +1,4 @@
-"""The whole network: frames -> ViT per frame -> masking -> temporal Transformer -> VA | EXPR | AU per frame."""
+"""The whole network: frames -> ViT per frame -> masking -> temporal Transformer -> one head per task per frame."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mtl.model.temporal import TemporalEncoder
 
 
 class MultiTaskNet(nn.Module):
-    """``net(frames [B,T,3,H,W], has_image [B,T], pad [B,T]) -> {"va", "expr", "au"}``, each [B,T,...]."""
+    """``net(frames [B,T,3,H,W], has_image [B,T], pad [B,T]) -> {task: [B,T,width]}`` ("va", "expr", "au", ...)."""
 
     def __init__(self, encoder: FrameEncoder, cfg: ModelConfig) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def confusion_matrix(cm: np.ndarray, names: Sequence[str]) -> Figure:
+def confusion_matrix(cm: np.ndarray, names: Sequence[str], title: str = "EXPR") -> Figure:
     """Row-normalised (recall per true class), with raw counts written in the cells."""
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -34,37 +34,46 @@ def confusion_matrix(cm: np.ndarray, names: Sequence[str]) -> Figure:
                 color="white" if norm[i, j] > 0.5 else "black",
             )
     fig.colorbar(im, ax=ax, label="fraction of true class")
-    ax.set_title("EXPR confusion matrix")
+    ax.set_title(f"{title} confusion matrix")
     fig.tight_layout()
     return fig
 
 
-def au_f1_bars(f1: Sequence[float], names: Sequence[str], tuned: Sequence[float] | None = None) -> Figure:
+def f1_bars(
+    f1: Sequence[float], names: Sequence[str], tuned: Sequence[float] | None = None, title: str = "AU"
+) -> Figure:
+    """Per-unit F1 of a multi-label task at 0.5, and with per-unit tuned thresholds when given."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = np.arange(len(names))
     width = 0.4 if tuned is not None else 0.8
     ax.bar(x - (width / 2 if tuned is not None else 0), f1, width, label="threshold 0.5")
     if tuned is not None:
-        ax.bar(x + width / 2, tuned, width, label="per-AU threshold")
+        ax.bar(x + width / 2, tuned, width, label="per-unit threshold")
         ax.legend(fontsize=8)
     ax.set_xticks(x, names, rotation=45)
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1")
-    ax.set_title(f"AU F1 (macro {np.mean(f1):.3f})")
+    ax.set_title(f"{title} F1 (macro {np.mean(f1):.3f})")
     fig.tight_layout()
     return fig
 
 
-def va_scatter(pred: np.ndarray, true: np.ndarray) -> Figure:
-    """Predicted against true valence and arousal, one panel each."""
+def scatter(
+    pred: np.ndarray,
+    true: np.ndarray,
+    names: Sequence[str] = ("valence", "arousal"),
+    low: float = -1.0,
+    high: float = 1.0,
+) -> Figure:
+    """Predicted against true values of a regression task (valence and arousal), one panel per column."""
     pred, true = np.asarray(pred), np.asarray(true)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"))):
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    for k, (ax, name) in enumerate(zip(axes[0], names)):
         if len(pred):
             ax.scatter(true[:, k], pred[:, k], s=3, alpha=0.4)
-        ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
-        ax.set_xlim(-1, 1)
-        ax.set_ylim(-1, 1)
+        ax.plot([low, high], [low, high], "k--", lw=0.8)
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"predicted {name}")
         ax.set_aspect("equal")
