@@ -208,7 +208,7 @@ class Config(_Section):
             try:
                 load_plugins(plugins)
             except MtlError as exc:
-                raise ConfigError(f"tasks.plugins: {exc}") from None
+                raise ConfigError(str(exc)) from None
         return data
 
 
