@@ -15,6 +15,7 @@ their label is valid and they are not padding, with or without an image.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -207,3 +208,9 @@ class ABAWMetrics:
         out["expr_frames"] = float(self.expr_cm.sum())
         out["au_frames"] = float(self.au_hist[:, 0].sum())
         return out
+
+
+def summary_line(scores: dict[str, Any]) -> str:
+    """The one-line JSON that `mtl demo`, `mtl train` and `mtl eval` end with."""
+    keys = ("va_ccc", "expr_f1", "au_f1", "mtl_score")
+    return json.dumps({k: round(float(scores[k]), 4) for k in keys if k in scores})

@@ -13,7 +13,8 @@ def _train(args: argparse.Namespace) -> int:
     from mtl.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group or model exists
-    from mtl.engine.trainer import summary_line, train
+    from mtl.engine.trainer import train
+    from mtl.metrics import summary_line
 
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -25,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mtl.engine.offline_eval import run_eval
-    from mtl.engine.trainer import summary_line
+    from mtl.metrics import summary_line
 
     scores = run_eval(args.checkpoint, args.split, args.out, args.overrides)
     print(summary_line(scores))

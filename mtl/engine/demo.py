@@ -16,7 +16,8 @@ def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, fra
     from mtl.data.pack import pack
     from mtl.data.synth import make_synth
     from mtl.engine.offline_eval import run_eval
-    from mtl.engine.trainer import summary_line, train
+    from mtl.engine.trainer import train
+    from mtl.metrics import summary_line
 
     workdir = Path(workdir).resolve()
     shards = workdir / "shards"
