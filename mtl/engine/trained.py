@@ -44,7 +44,11 @@ def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
     weights, config = load_trained(path)
     cfg = from_dict(deep_merge(config, parse_overrides(overrides or [])))
     model = build_model(cfg.model, image_size=cfg.data.image_size)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ: an override changed the architecture
+        mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
+        raise MtlError(f"{path}: weights do not fit the model ({'; '.join(mismatch) or exc})") from None
     if missing or unexpected:
         raise MtlError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
