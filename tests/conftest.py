@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mtl.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -26,12 +27,6 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "shards"
     pack(root / "cropped_aligned", root / "annotations", out, segment_len=16, shard_size=3, workers=1)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def smoke_overrides(shards: Path, out: Path, db: Path, *extra: str) -> list[str]:

@@ -16,6 +16,7 @@ from conftest import DRIVER, SMOKE, mtl, ok, run, smoke_overrides, torchrun
 from mlflow.tracking import MlflowClient
 
 from mtl.engine import checkpoint as ckpt
+from mtl.engine import layout
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_two_ranks_train_agree_and_log(stage: int, accum: int, tiny_shards: Path
 
     # Kept: the last K (2) and the best; consolidated weights exported.
     assert (out / "export" / "last.safetensors").is_file() and (out / "export" / "best.safetensors").is_file()
-    tags = ckpt.complete_tags(out / "checkpoints")
+    tags = layout.complete_tags(out / "checkpoints")
     assert tags[-1] == "step_00000010" and len(tags) <= 3
 
     if stage == 2:
@@ -113,7 +114,7 @@ def test_sigkill_anytime_and_during_save_resumes(tiny_shards: Path, tmp_path: Pa
     died = run([sys.executable, str(DRIVER), "kill_in_save=4", str(SMOKE), *args])
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     assert any((ckpts / "step_00000004").glob("*model_states.pt"))
-    assert ckpt.latest_complete(ckpts) == "step_00000002"
+    assert layout.latest_complete(ckpts) == "step_00000002"
 
     # 2. resumed, then killed from outside at an arbitrary moment once step 6 (or later) is complete.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -121,13 +122,13 @@ def test_sigkill_anytime_and_during_save_resumes(tiny_shards: Path, tmp_path: Pa
     proc = subprocess.Popen([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
-        _wait_for(lambda: (ckpt.latest_complete(ckpts) or "") >= "step_00000006", 300, proc)
+        _wait_for(lambda: (layout.latest_complete(ckpts) or "") >= "step_00000006", 300, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert ckpt.latest_complete(ckpts) >= "step_00000006"  # passed the half-written step 4, saving it anew
+    assert layout.latest_complete(ckpts) >= "step_00000006"  # passed the half-written step 4, saving it anew
 
     # 3. resumed to the end.
     final = ok(mtl("train", "--config", str(SMOKE), *args))
@@ -137,8 +138,8 @@ def test_sigkill_anytime_and_during_save_resumes(tiny_shards: Path, tmp_path: Pa
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert {m.step for m in history} == set(range(1, 41))
     assert runs[0].data.tags["resumed_from"] >= "step_00000006"
-    assert ckpt.complete_tags(ckpts) == ["step_00000038", "step_00000040"]  # keep_last=2, no leftovers
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ckpt.complete_tags(ckpts)
+    assert layout.complete_tags(ckpts) == ["step_00000038", "step_00000040"]  # keep_last=2, no leftovers
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == layout.complete_tags(ckpts)
     state = ckpt.read_state(ckpts / "step_00000040")
     assert state.run_id == runs[0].info.run_id and state.config["train"]["max_steps"] == 40
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training-step benchmark: engine overhead, ZeRO memory per rank, and (on a GPU) model FLOPs utilisation.
 
-1. Speed. One process: the project's engine path (``deepspeed.initialize`` with our ``build_ds_config``,
-   ``build_optimizer``, ``build_scheduler``, ``param_groups`` and ``MultiTaskLoss``; forward, loss, backward, step,
-   as ``Trainer`` does) against a bare PyTorch loop on the same model (same initial weights), the same batch, the
+1. Speed. One process: the project's engine path (``mtl.engine.step``: ``build_engine``, then
+   ``Engine.forward_backward`` and ``Engine.step`` with ``MultiTaskLoss``, the code ``Trainer`` runs) against a bare
+   PyTorch loop on the same model (same initial weights), the same batch, the
    same AdamW groups, the same clipping and the same schedule. Every step is seeded by its index, so both loops
    draw the same frame masks and dropout and must report the same losses (``loss_max_rel_diff_vs_bare``) - the
    comparison is like for like. Warm-up steps, then rounds of timed steps with the loops interleaved (the order
@@ -26,7 +26,6 @@ import copy
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,8 +39,11 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, DataConfig, from_dict
-from mtl.engine.ds_config import build_ds_config
+from mtl.engine.distributed import free_port
+from mtl.engine.ds_config import compute_dtype
+from mtl.engine.model_io import forward
 from mtl.engine.schedule import build_optimizer, build_scheduler
+from mtl.engine.step import build_engine
 from mtl.model import build_model, param_groups
 from mtl.objectives import MultiTaskLoss
 from mtl.tasks.abaw import AU, EXPR
@@ -161,10 +163,6 @@ def train_stats(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def _quiet_deepspeed() -> None:
     """DeepSpeed logs every step at INFO and c10d warns about deprecated collectives; neither is the result."""
     from deepspeed.utils import logger
@@ -178,28 +176,21 @@ def _quiet_deepspeed() -> None:
 
 
 class EngineLoop:
-    """The step of ``Trainer.run``: the DeepSpeed engine over our optimizer, schedule and config."""
+    """The step ``Trainer`` takes: the engine ``build_engine`` makes, stepped by ``Engine.forward_backward`` (with
+    its agreed finiteness check) and ``Engine.step``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, loss_fn: MultiTaskLoss, world_size: int = 1) -> None:
-        import deepspeed
-
-        self.cfg, self.loss_fn = cfg, loss_fn
-        self.dtype = _dtype(cfg.train.precision)
-        optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        self.ds_config = build_ds_config(cfg, world_size, cfg.train.zero_stage, cfg.train.precision)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        self.engine.train()
+    def __init__(self, model: torch.nn.Module, cfg: Config, loss_fn: MultiTaskLoss, device: torch.device,
+                 world_size: int = 1) -> None:  # fmt: skip
+        self.loss_fn = loss_fn
+        self.engine = build_engine(model, cfg, world_size, device)
+        self.ds_config = self.engine.ds_config
+        self.engine.ds.train()
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.engine(batch["frames"].to(self.dtype), batch["has_image"], batch["pad"])
-        loss, _ = self.loss_fn({k: v.float() for k, v in out.items()}, batch)
-        if not bool(torch.isfinite(loss)):  # Trainer checks (and syncs) every step; so does the bare loop
+        done = self.engine.forward_backward(self.loss_fn, batch)
+        if done is None:  # Trainer would skip it; a benchmark on a random batch should never see one
             raise RuntimeError("non-finite loss in the benchmark")
-        self.engine.backward(loss)
-        return loss.detach()
+        return done[0]
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.forward_backward(batch)
@@ -216,7 +207,7 @@ class BareLoop:
 
     def __init__(self, model: torch.nn.Module, cfg: Config, loss_fn: MultiTaskLoss) -> None:
         self.cfg, self.loss_fn = cfg, loss_fn
-        self.dtype = _dtype(cfg.train.precision)
+        self.dtype = compute_dtype(cfg.train.precision)
         groups = param_groups(model, cfg.optim)
         self.low: list[torch.nn.Parameter] = []
         self.high: list[torch.nn.Parameter] = []
@@ -233,9 +224,8 @@ class BareLoop:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(batch["frames"].to(self.dtype), batch["has_image"], batch["pad"])
-        loss, _ = self.loss_fn({k: v.float() for k, v in out.items()}, batch)
-        if not bool(torch.isfinite(loss)):
+        loss, _ = self.loss_fn(forward(self.model, batch, self.dtype), batch)
+        if not bool(torch.isfinite(loss)):  # the engine's check syncs on the loss too
             raise RuntimeError("non-finite loss in the benchmark")
         loss.backward()
         if self.low:
@@ -261,8 +251,7 @@ def count_step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], los
     model = copy.deepcopy(model).to(dtype).train()
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model(batch["frames"].to(dtype), batch["has_image"], batch["pad"])
-        loss, _ = loss_fn({k: v.float() for k, v in out.items()}, batch)
+        loss, _ = loss_fn(forward(model, batch, dtype), batch)
         loss.backward()
     return int(counter.get_total_flops())
 
@@ -282,13 +271,13 @@ def bench_speed(args: argparse.Namespace, image_size: int, device: torch.device,
     base = build_model(cfg0.model, image_size=image_size).to(device)
     batch = make_batch(args.batch_size, args.clip_len, image_size, args.seed, device)
     loss_fn = MultiTaskLoss(cfg0.loss, train_stats(batch)).to(device)
-    dtype = _dtype(args.precision)
+    dtype = compute_dtype(args.precision)
     n_params = sum(p.numel() for p in base.parameters())
     flops = count_step_flops(base, batch, loss_fn, dtype)
 
     loops: dict[str, Any] = {"bare": BareLoop(copy.deepcopy(base), cfg0, loss_fn)}
     for stage in args.zero_stages:
-        loops[f"zero{stage}"] = EngineLoop(copy.deepcopy(base), make_config(args, image_size, stage), loss_fn)
+        loops[f"zero{stage}"] = EngineLoop(copy.deepcopy(base), make_config(args, image_size, stage), loss_fn, device)
     del base
 
     names = list(loops)
@@ -454,8 +443,8 @@ def _memory_worker(local_rank: int, stage: int, port: int, args: argparse.Namesp
     model = build_model(cfg.model, image_size=image_size)
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(args.batch_size, args.clip_len, image_size, args.seed + env.rank, env.device)
-    loop = EngineLoop(model, cfg, MultiTaskLoss(cfg.loss, train_stats(batch)), world_size=env.world_size)
-    engine = loop.engine
+    loop = EngineLoop(model, cfg, MultiTaskLoss(cfg.loss, train_stats(batch)), env.device, env.world_size)
+    engine = loop.engine.ds
     torch.manual_seed(args.seed + 1)
     loop.forward_backward(batch)
     grads = grad_storages(engine, model)
@@ -480,12 +469,6 @@ def _memory_worker(local_rank: int, stage: int, port: int, args: argparse.Namesp
     Path(out_dir, f"stage{stage}_rank{env.rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -514,7 +497,7 @@ def bench_memory(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     stages: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmpdir, _cpu_only_env():
         for stage in tqdm(args.memory_stages, desc="memory (2 ranks per ZeRO stage)", disable=not progress):
-            tmp.start_processes(_memory_worker, args=(stage, _free_port(), args, tmpdir), nprocs=2,
+            tmp.start_processes(_memory_worker, args=(stage, free_port(), args, tmpdir), nprocs=2,
                                 join=True, start_method="forkserver")  # fmt: skip
             ranks = [json.loads(Path(tmpdir, f"stage{stage}_rank{r}.json").read_text()) for r in range(2)]
             stages[str(stage)] = {"ranks": ranks}

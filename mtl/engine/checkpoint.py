@@ -8,10 +8,7 @@ name a half-written tag.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +18,7 @@ import numpy as np
 import torch
 
 from mtl.engine.distributed import barrier
-
-COMPLETE = "complete.json"
-TAG_RE = re.compile(r"^step_(\d{8})$")
+from mtl.engine.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
 
 
 @dataclass
@@ -47,35 +42,8 @@ class TrainState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with a completion marker, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags)
-
-
-def latest_complete(ckpt_dir: Path) -> str | None:
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
-
-
 def read_state(tag_dir: Path) -> TrainState:
-    with open(tag_dir / COMPLETE) as f:
-        return TrainState.from_dict(json.load(f)["state"])
+    return TrainState.from_dict(read_marker(tag_dir))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -115,7 +83,7 @@ def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: i
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     barrier()
     if rank == 0:
-        _atomic_write_json(tag_dir / COMPLETE, {"tag": tag, "state": state.to_dict()})
+        write_marker(tag_dir, state.to_dict())
         _prune(ckpt_dir, keep_last, state.best_tag)
     barrier()
     return tag

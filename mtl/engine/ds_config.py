@@ -50,3 +50,8 @@ def build_ds_config(cfg: Config, world_size: int, zero_stage: int, precision: st
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the model runs in for a resolved precision ("bf16" or "fp32")."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32

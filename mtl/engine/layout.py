@@ -1,7 +1,193 @@
-"""Names inside a run's ``train.output_dir``, shared with the launch layer (no torch import, for login nodes)."""
+"""A run's directory (``train.output_dir``): the names in it, and which checkpoint a path or a resume setting means.
+
+``mtl train`` writes it, ``mtl eval`` (and every command that loads a trained run) reads it, ``mtl submit`` checks
+it on the login node, so this module imports no torch. Loading the weights it points at is
+:mod:`mtl.engine.trained`'s job; saving a checkpoint collectively is :mod:`mtl.engine.checkpoint`'s.
+
+    <output_dir>/mlflow_run_id                     the MLflow run, written before the first checkpoint exists
+    <output_dir>/checkpoints/step_NNNNNNNN/        one DeepSpeed checkpoint; counts once complete.json is in it
+    <output_dir>/export/{last,best}.safetensors    consolidated fp32 weights, resolved config in the metadata
+    <path>/eval_<split>/                           what `mtl eval` writes by default
+"""
 
 from __future__ import annotations
 
-RUN_ID_FILE = "mlflow_run_id"  # the run's MLflow run id, written before the first checkpoint exists
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtl.errors import MtlError
+
+RUN_ID_FILE = "mlflow_run_id"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
+COMPLETE = "complete.json"  # written last, by rank 0, once every rank has saved its part
+TAG_RE = re.compile(r"^step_(\d{8})$")
+WEIGHTS_SUFFIX = ".safetensors"
+EXPORTS = ("last", "best")
+
+# ------------------------------------------------------------------------------------------ checkpoint tags
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a completion marker, oldest first (a tag killed mid-save has none and is ignored)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file())
+
+
+def latest_complete(ckpt_dir: Path) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def write_marker(tag_dir: Path, state: dict[str, Any]) -> None:
+    """The completion marker, atomically: a checkpoint counts from the moment this rename lands."""
+    path = tag_dir / COMPLETE
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"tag": tag_dir.name, "state": state}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    """The training state saved with a complete checkpoint (step, best tag, run id, resolved config...)."""
+    path = tag_dir / COMPLETE
+    try:
+        with open(path) as f:
+            return json.load(f)["state"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MtlError(f"{path}: not a readable checkpoint marker ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One complete DeepSpeed checkpoint: ``root / tag`` (DeepSpeed addresses it as the pair)."""
+
+    root: Path
+    tag: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.tag
+
+    def state(self) -> dict[str, Any]:
+        return read_marker(self.dir)
+
+
+# ------------------------------------------------------------------------------------------ the run dir
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def exports(self) -> Path:
+        return self.root / EXPORT
+
+    def export_file(self, which: str) -> Path:
+        """``which`` is "last" or "best"."""
+        return self.exports / f"{which}{WEIGHTS_SUFFIX}"
+
+    @property
+    def run_id_file(self) -> Path:
+        return self.root / RUN_ID_FILE
+
+    def write_run_id(self, run_id: str) -> None:
+        self.run_id_file.write_text(f"{run_id}\n")
+
+    def recorded_run_id(self, resume: str) -> str | None:
+        """The MLflow run this directory already belongs to, so a restart or resubmission continues it;
+        none under train.resume=never, which starts afresh."""
+        if resume == "never" or not self.run_id_file.is_file():
+            return None
+        return self.run_id_file.read_text().strip() or None
+
+    def latest(self) -> Checkpoint | None:
+        tag = latest_complete(self.checkpoints)
+        return Checkpoint(self.checkpoints, tag) if tag else None
+
+    def require_no_checkpoints(self) -> None:
+        if complete_tags(self.checkpoints):
+            raise MtlError(
+                f"train.resume=never but {self.checkpoints} already holds checkpoints; "
+                "use train.resume=auto to continue it or choose another train.output_dir"
+            )
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+def _in_dir(path: Path) -> Checkpoint | None:
+    """``path`` as a tag dir, a run dir or a checkpoints dir: that checkpoint, or the latest complete one."""
+    if (path / COMPLETE).is_file():
+        return Checkpoint(path.parent, path.name)
+    for root in (path / CHECKPOINTS, path):
+        tag = latest_complete(root)
+        if tag is not None:
+            return Checkpoint(root, tag)
+    return None
+
+
+def resume_point(resume: str, run: RunDir) -> Checkpoint | None:
+    """Where training continues from (None: from scratch), for train.resume = auto | never | a directory."""
+    if resume == "never":
+        run.require_no_checkpoints()
+        return None
+    if resume == "auto":
+        return run.latest()
+    path = Path(resume)
+    if not path.exists():
+        raise MtlError(f"train.resume={resume}: no such checkpoint directory")
+    found = _in_dir(path)
+    if found is None:
+        raise MtlError(f"train.resume={resume}: no complete checkpoint found there")
+    return found
+
+
+def resolve_trained(path: Path) -> Path | Checkpoint:
+    """The weights a path means, for commands that load a trained run (`mtl eval`, ...).
+
+    A .safetensors file is itself. A run directory means its exported best weights, else its best complete
+    checkpoint (the latest's record of the best, else the latest); an export directory, its best.safetensors;
+    a checkpoint tag directory, that checkpoint.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != WEIGHTS_SUFFIX:
+            raise MtlError(f"{path}: not a {WEIGHTS_SUFFIX} file; give a run directory, a checkpoint or an export")
+        return path
+    if not path.is_dir():
+        raise MtlError(f"{path}: no such run directory, checkpoint or {WEIGHTS_SUFFIX} file")
+    for candidate in (RunDir(path).export_file("best"), path / f"best{WEIGHTS_SUFFIX}"):
+        if candidate.is_file():
+            return candidate
+    found = _in_dir(path)
+    if found is None:
+        raise MtlError(f"{path}: no exported weights and no complete checkpoint found")
+    if (path / COMPLETE).is_file():
+        return found  # a tag named explicitly is the one wanted
+    best = found.state().get("best_tag")
+    if best and (found.root / best / COMPLETE).is_file():
+        return Checkpoint(found.root, best)
+    return found
+
+
+def eval_dir(path: Path, split: str) -> Path:
+    """Where `mtl eval` writes by default: beside what it evaluated (in a directory, or next to a file)."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / f"eval_{split}"

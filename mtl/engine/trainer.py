@@ -7,13 +7,13 @@ decision that involves a collective (skip a bad step, stop for preemption, evalu
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +26,14 @@ from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
-from mtl.engine.ds_config import build_ds_config, resolve_precision, resolve_zero_stage
 from mtl.engine.evaluate import evaluate, to_device
 from mtl.engine.export import consolidate, save_weights
-from mtl.engine.layout import CHECKPOINTS, EXPORT, RUN_ID_FILE
+from mtl.engine.layout import EXPORTS, RunDir, resume_point, tag_for
+from mtl.engine.model_io import input_norm
 from mtl.engine.preemption import StopFlag
-from mtl.engine.schedule import build_optimizer, build_scheduler
+from mtl.engine.step import build_engine
 from mtl.errors import MtlError
-from mtl.model import build_model, param_groups
+from mtl.model import build_model
 from mtl.objectives import MultiTaskLoss
 from mtl.tracking.mlflow_run import Tracker
 from mtl.tracking.report import log_evaluation
@@ -64,25 +64,26 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _resume_tag(resume: str, ckpt_dir: Path) -> tuple[Path, str | None]:
-    """Where to resume from: (checkpoint root, tag) for auto / never / an explicit directory."""
-    if resume == "never":
-        if ckpt.complete_tags(ckpt_dir):
-            raise MtlError(
-                f"train.resume=never but {ckpt_dir} already holds checkpoints; "
-                "use train.resume=auto to continue it or choose another train.output_dir"
-            )
-        return ckpt_dir, None
-    if resume == "auto":
-        return ckpt_dir, ckpt.latest_complete(ckpt_dir)
-    path = Path(resume)
-    if (path / ckpt.COMPLETE).is_file():
-        return path.parent, path.name
-    latest = ckpt.latest_complete(path / "checkpoints") or ckpt.latest_complete(path)
-    if latest is None:
-        raise MtlError(f"train.resume={resume}: no complete checkpoint found there")
-    root = path / "checkpoints" if (path / "checkpoints" / latest).is_dir() else path
-    return root, latest
+@dataclass
+class _Window:
+    """What the training log reports, accumulated over the micro-batches since the last log line."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    frames: int = 0  # over all ranks
+    since: float = field(default_factory=time.time)
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], frames: int) -> None:
+        for k, v in (*parts.items(), ("loss", loss)):
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.micro_batches += 1
+        self.frames += frames
+
+    def metrics(self) -> dict[str, float]:
+        dt = max(time.time() - self.since, 1e-9)
+        logged = {f"train/{k}": v / max(self.micro_batches, 1) for k, v in self.sums.items()}
+        logged["train/frames_per_s"] = self.frames / dt
+        return logged
 
 
 class Trainer:
@@ -90,65 +91,50 @@ class Trainer:
         self.cfg = cfg
         self.env: DistEnv = init_distributed()
         _seed_everything(cfg.train.seed + self.env.rank)
-        self.out = Path(cfg.train.output_dir).resolve()
-        self.ckpt_dir = self.out / CHECKPOINTS
+        self.run_dir = RunDir(Path(cfg.train.output_dir).resolve())
+        self.out = self.run_dir.root
         if self.env.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         barrier()
+        resume_from = resume_point(cfg.train.resume, self.run_dir)
         self.manifest = read_manifest(cfg.data.shards)
-        self.zero_stage = resolve_zero_stage(cfg)
-        self.precision = resolve_precision(cfg)
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-
-        model = build_model(cfg.model, image_size=cfg.data.image_size)
-        norm = model.data_config()
-        self.mean = tuple(cfg.data.mean or norm["mean"])
-        self.std = tuple(cfg.data.std or norm["std"])
         splits = self.manifest["splits"]
         if cfg.data.train_split not in splits:
             raise MtlError(f"data.train_split={cfg.data.train_split!r} is not in {cfg.data.shards} ({list(splits)})")
+
+        model = build_model(cfg.model, image_size=cfg.data.image_size)
+        self.mean, self.std = input_norm(cfg.data, model)
         self.loss_fn = MultiTaskLoss(cfg.loss, splits[cfg.data.train_split]["tasks"])
-        optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        self.ds_config = build_ds_config(cfg, self.env.world_size, self.zero_stage, self.precision)
-
-        import deepspeed
-        from deepspeed.utils import logger as ds_logger
-
-        if not os.environ.get("MTL_DEEPSPEED_VERBOSE"):  # its INFO lines drown the progress bar and our logs
-            ds_logger.setLevel(logging.WARNING)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
+        self.engine = build_engine(model, cfg, self.env.world_size, self.env.device)
         self.state = ckpt.TrainState(config=to_dict(cfg))
-        root, tag = _resume_tag(cfg.train.resume, self.ckpt_dir)
-        self.resumed_from = tag
-        if tag is not None:
-            self.state = ckpt.load(self.engine, root, tag, self.env.rank)
+        self.resumed_from = resume_from.tag if resume_from else None
+        if resume_from is not None:
+            self.state = ckpt.load(self.engine.ds, resume_from.root, resume_from.tag, self.env.rank)
         self.tracker = self._open_tracker()
         self.stop = StopFlag()
+        self.window = _Window()
+        self.bad_streak = 0  # consecutive non-finite losses
+        self.last_scores: dict[str, float] = {}
+        self.bar: tqdm | None = None
 
     # ------------------------------------------------------------------------------------------ tracking
 
     def _open_tracker(self) -> Tracker:
         """One MLflow run per training run: from the checkpoint, else the run-id file, else config, else new."""
-        run_id = self.state.run_id
-        id_file = self.out / RUN_ID_FILE
-        if run_id is None and self.cfg.train.resume != "never" and id_file.is_file():
-            run_id = id_file.read_text().strip() or None  # killed before its first checkpoint
-        run_id = run_id or self.cfg.tracking.run_id
+        # The run-id file covers a run killed before its first checkpoint.
+        run_id = self.state.run_id or self.run_dir.recorded_run_id(self.cfg.train.resume) or self.cfg.tracking.run_id
         tracker = Tracker(self.cfg.tracking, run_id, active=self.env.is_main)
         run_id = broadcast_object(tracker.run_id)
         tracker.run_id = run_id
         self.state.run_id = run_id
         if not self.env.is_main or not tracker.active:
             return tracker
-        id_file.write_text(f"{run_id}\n")
+        self.run_dir.write_run_id(run_id)
         tags = {
             "git_commit": _git_commit(),
             "world_size": self.env.world_size,
-            "zero_stage": self.zero_stage,
-            "precision": self.precision,
+            "zero_stage": self.engine.zero_stage,
+            "precision": self.engine.precision,
             "host": socket.gethostname(),
             "output_dir": str(self.out),
         }
@@ -161,21 +147,22 @@ class Trainer:
         if not tracker.resumed:
             tracker.log_params(flatten(self.cfg))
             dump_yaml(self.cfg, self.out / "config.yaml")
-            (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            (self.out / "ds_config.json").write_text(json.dumps(self.engine.ds_config, indent=2))
             tracker.log_artifact(self.out / "config.yaml")
             tracker.log_artifact(self.out / "ds_config.json")
             tracker.log_artifact(Path(self.cfg.data.shards) / "manifest.json")
         return tracker
 
-    # ------------------------------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------------------------------ the parts
 
-    def _forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.engine(batch["frames"].to(self.dtype), batch["has_image"], batch["pad"])
-        return {k: v.float() for k, v in out.items()}
+    @property
+    def _show_progress(self) -> bool:
+        return self.cfg.train.progress and self.env.is_main
 
-    def _train_loader(self):
+    def _epoch(self) -> Iterable[dict]:
+        """This rank's batches of the current epoch, from where the state says it stopped."""
         c = self.cfg
-        return make_train_loader(
+        loader = make_train_loader(
             c.data,
             mean=self.mean,
             std=self.std,
@@ -185,134 +172,142 @@ class Trainer:
             seed=c.train.seed,
             skip_batches=self.state.micro_in_epoch,
         )
+        if len(loader) < c.train.grad_accum:
+            raise MtlError(
+                f"{c.data.shards}: an epoch has {len(loader)} batches per rank, fewer than "
+                f"train.grad_accum={c.train.grad_accum}; use a smaller data.batch_size or more data"
+            )
+        return loader
+
+    def _micro_step(self, batch: dict) -> bool:
+        """Forward, backward and DeepSpeed's step on one micro-batch; True when an optimizer step was taken."""
+        self.state.micro_in_epoch += 1
+        batch = to_device(batch, self.env.device)
+        done = self.engine.forward_backward(self.loss_fn, batch)
+        if done is None:
+            self._skip_bad_batch()
+            return False
+        self.bad_streak = 0
+        stepped = self.engine.step()
+        frames = batch["frames"].shape[0] * batch["frames"].shape[1] * self.env.world_size
+        self.window.add(*done, frames=int(frames))
+        if stepped:
+            self.state.step += 1
+        return stepped
+
+    def _skip_bad_batch(self) -> None:
+        """Every rank skipped this micro-batch together; too many in a row means training diverged."""
+        self.bad_streak += 1
+        self.state.bad_steps_total += 1
+        c = self.cfg.train
+        if self.bad_streak >= c.max_bad_steps:
+            raise MtlError(
+                f"{self.bad_streak} consecutive non-finite losses at step {self.state.step} "
+                f"(train.max_bad_steps={c.max_bad_steps}); lower optim.lr or check the data"
+            )
+
+    def _log(self, step: int) -> None:
+        """The training metrics of the window since the last log, then a new window."""
+        ds = self.engine.ds
+        logged = self.window.metrics()
+        logged.update({
+            "train/lr": max(g["lr"] for g in ds.optimizer.param_groups),
+            "train/bad_steps_total": self.state.bad_steps_total,
+            "train/epoch": self.state.epoch,
+        })  # fmt: skip
+        grad_norm = ds.get_global_grad_norm()
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            logged["train/grad_norm"] = float(grad_norm)
+        self.tracker.log_metrics(logged, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logged['train/loss']:.3f}", fps=f"{logged['train/frames_per_s']:.0f}")
+        self.window = _Window()
 
     def evaluate(self) -> dict[str, float]:
+        """Scores on the validation split (every rank takes part), logged with their plots."""
         loader = make_eval_loader(
             self.cfg.data, self.cfg.data.val_split, mean=self.mean, std=self.std,
             rank=self.env.rank, world_size=self.env.world_size,
         )  # fmt: skip
-        self.engine.eval()
-        metrics, _ = evaluate(self._forward, loader, self.env.device, progress=self._show_progress, desc="validate")
-        self.engine.train()
+        self.engine.ds.eval()
+        metrics, _ = evaluate(self.engine.forward, loader, self.env.device, progress=self._show_progress,
+                              desc="validate")  # fmt: skip
+        self.engine.ds.train()
         scores = metrics.compute()
         log_evaluation(self.tracker, metrics, scores, self.state.step, "val")
         return scores
 
-    @property
-    def _show_progress(self) -> bool:
-        return self.cfg.train.progress and self.env.is_main
+    def _evaluate_and_checkpoint(self, step: int) -> None:
+        """Evaluate when due and track the best; save when due, at the end, or when this step is the best."""
+        c = self.cfg.train
+        is_best = False
+        if step % c.eval_every == 0 or step == c.max_steps:
+            self.last_scores = self.evaluate()
+            if self.last_scores["mtl_score"] > self.state.best_score:
+                self.state.best_score = self.last_scores["mtl_score"]
+                self.state.best_tag = tag_for(step)
+                is_best = True
+            self.tracker.log_metrics({"val/best_mtl_score": self.state.best_score}, step)
+            self.window.since = time.time()  # evaluation time is not training throughput
+        if is_best or step % c.ckpt_every == 0 or step == c.max_steps:
+            self._save()
 
     def _save(self) -> str:
         self.tracker.flush()
-        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.env.rank, self.cfg.train.keep_last)
+        return ckpt.save(self.engine.ds, self.run_dir.checkpoints, self.state, self.env.rank, self.cfg.train.keep_last)
 
     def _export(self) -> None:
         """Consolidated fp32 weights of the last and the best checkpoint (rank 0; others wait)."""
         if self.env.is_main:
-            export_dir = self.out / EXPORT
-            last = ckpt.tag_for(self.state.step)
-            for name, tag in (("last", last), ("best", self.state.best_tag or last)):
-                save_weights(consolidate(self.ckpt_dir, tag), export_dir / f"{name}.safetensors", to_dict(self.cfg))
+            last = tag_for(self.state.step)
+            tags = {"last": last, "best": self.state.best_tag or last}
+            for name in EXPORTS:
+                weights = consolidate(self.run_dir.checkpoints, tags[name])
+                save_weights(weights, self.run_dir.export_file(name), to_dict(self.cfg))
         barrier()
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def run(self) -> TrainResult:
+    def _train(self) -> str:
+        """Micro-batches until train.max_steps ("completed") or until any rank is told to stop ("preempted")."""
         c = self.cfg.train
+        while self.state.step < c.max_steps:
+            for batch in self._epoch():
+                if not self._micro_step(batch):
+                    continue  # inside a gradient accumulation, or a skipped non-finite batch
+                step = self.state.step
+                self.bar.update(1)
+                if step % c.log_every == 0 or step == c.max_steps:
+                    self._log(step)
+                self._evaluate_and_checkpoint(step)
+                if any_rank(self.stop.requested, self.env.device):
+                    self._save()
+                    return "preempted"
+                if step >= c.max_steps:
+                    return "completed"
+            self.state.epoch += 1
+            self.state.micro_in_epoch = 0
+        return "completed"
+
+    def run(self) -> TrainResult:
+        """Train, export the weights when complete, and end the MLflow run with the outcome."""
         self.stop.install()
-        self.engine.train()
-        bar = tqdm(total=c.max_steps, initial=self.state.step, desc="train", disable=not self._show_progress)
-        sums: dict[str, float] = {}
-        n_sums, bad_streak, frames = 0, 0, 0
-        last_scores: dict[str, float] = {}
-        t_log = time.time()
-        status = "completed"
+        self.engine.ds.train()
+        self.window = _Window()
+        self.bar = tqdm(total=self.cfg.train.max_steps, initial=self.state.step, desc="train",
+                        disable=not self._show_progress)  # fmt: skip
         try:
-            while self.state.step < c.max_steps:
-                loader = self._train_loader()
-                if len(loader) < c.grad_accum:
-                    raise MtlError(
-                        f"{self.cfg.data.shards}: an epoch has {len(loader)} batches per rank, fewer than "
-                        f"train.grad_accum={c.grad_accum}; use a smaller data.batch_size or more data"
-                    )
-                stepped_out = False
-                for batch in loader:
-                    self.state.micro_in_epoch += 1
-                    batch = to_device(batch, self.env.device)
-                    outputs = self._forward(batch)
-                    loss, parts = self.loss_fn(outputs, batch)
-                    if any_rank(not bool(torch.isfinite(loss)), self.env.device):
-                        # Every rank skips this micro-batch together (backward is collective under ZeRO).
-                        bad_streak += 1
-                        self.state.bad_steps_total += 1
-                        if bad_streak >= c.max_bad_steps:
-                            raise MtlError(
-                                f"{bad_streak} consecutive non-finite losses at step {self.state.step} "
-                                f"(train.max_bad_steps={c.max_bad_steps}); lower optim.lr or check the data"
-                            )
-                        continue
-                    bad_streak = 0
-                    self.engine.backward(loss)
-                    before = self.engine.global_steps
-                    self.engine.step()
-                    frames += int(batch["frames"].shape[0] * batch["frames"].shape[1]) * self.env.world_size
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                    n_sums += 1
-                    if self.engine.global_steps == before:
-                        continue  # inside a gradient accumulation
-                    self.state.step += 1
-                    bar.update(1)
-                    step = self.state.step
-                    if step % c.log_every == 0 or step == c.max_steps:
-                        dt = max(time.time() - t_log, 1e-9)
-                        logged = {f"train/{k}": v / max(n_sums, 1) for k, v in sums.items()}
-                        grad_norm = self.engine.get_global_grad_norm()
-                        logged.update({
-                            "train/lr": max(g["lr"] for g in self.engine.optimizer.param_groups),
-                            "train/frames_per_s": frames / dt,
-                            "train/bad_steps_total": self.state.bad_steps_total,
-                            "train/epoch": self.state.epoch,
-                        })  # fmt: skip
-                        if grad_norm is not None and math.isfinite(float(grad_norm)):
-                            logged["train/grad_norm"] = float(grad_norm)
-                        self.tracker.log_metrics(logged, step)
-                        bar.set_postfix(loss=f"{logged['train/loss']:.3f}", fps=f"{logged['train/frames_per_s']:.0f}")
-                        sums, n_sums, frames, t_log = {}, 0, 0, time.time()
-                    is_best = False
-                    if step % c.eval_every == 0 or step == c.max_steps:
-                        last_scores = self.evaluate()
-                        if last_scores["mtl_score"] > self.state.best_score:
-                            self.state.best_score = last_scores["mtl_score"]
-                            self.state.best_tag = ckpt.tag_for(step)
-                            is_best = True
-                        self.tracker.log_metrics({"val/best_mtl_score": self.state.best_score}, step)
-                        t_log = time.time()
-                    if is_best or step % c.ckpt_every == 0 or step == c.max_steps:
-                        self._save()
-                    if any_rank(self.stop.requested, self.env.device):
-                        self._save()
-                        status = "preempted"
-                        stepped_out = True
-                        break
-                    if step >= c.max_steps:
-                        stepped_out = True
-                        break
-                if stepped_out:
-                    break
-                self.state.epoch += 1
-                self.state.micro_in_epoch = 0
+            status = self._train()
             if status == "completed":
                 self._export()
         except BaseException:
             self.tracker.end("FAILED")
             raise
         finally:
-            bar.close()
+            self.bar.close()
             self.stop.uninstall()
         self.tracker.end("KILLED" if status == "preempted" else "FINISHED")
-        return TrainResult(status, self.state.step, self.tracker.run_id, str(self.out), last_scores)
+        return TrainResult(status, self.state.step, self.tracker.run_id, str(self.out), self.last_scores)
 
 
 def train(cfg: Config) -> TrainResult:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtl.config import Config, ConfigError, load_config, replace
-from mtl.engine.layout import RUN_ID_FILE
+from mtl.engine.layout import RUN_ID_FILE, RunDir, resume_point  # noqa: F401 (RUN_ID_FILE: sweep.py's message)
 from mtl.errors import MtlError
 from mtl.launch import cluster
 
@@ -74,14 +74,7 @@ def check_inputs(cfg: Config) -> None:
         raise MtlError(f"data.shards={cfg.data.shards}: no manifest.json there (pack the data with `mtl pack`)")
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
         raise MtlError(f"model.pretrained_file={cfg.model.pretrained_file}: file not found")
-    resume, out = cfg.train.resume, Path(cfg.train.output_dir)
-    if resume == "never" and any((out / "checkpoints").glob("step_*/complete.json")):
-        raise MtlError(
-            f"train.resume=never but {out / 'checkpoints'} already holds checkpoints; "
-            "use train.resume=auto to continue it or choose another train.output_dir"
-        )
-    if resume not in ("auto", "never") and not Path(resume).exists():
-        raise MtlError(f"train.resume={resume}: no such checkpoint directory")
+    resume_point(cfg.train.resume, RunDir(Path(cfg.train.output_dir)))  # what the job would resume from
     import timm
 
     if not timm.is_model(cfg.model.backbone):
@@ -112,9 +105,4 @@ def load_for_submit(config: str | Path | None, overrides: list[str], flags: dict
 
 def existing_run_id(cfg: Config) -> str | None:
     """The MLflow run a resubmitted output_dir already belongs to (the engine continues it on resume)."""
-    if cfg.train.resume == "never":
-        return None
-    id_file = Path(cfg.train.output_dir) / RUN_ID_FILE
-    if id_file.is_file():
-        return id_file.read_text().strip() or None
-    return None
+    return RunDir(Path(cfg.train.output_dir)).recorded_run_id(cfg.train.resume)

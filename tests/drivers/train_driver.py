@@ -20,6 +20,7 @@ import torch
 from mtl.config import load_config
 from mtl.engine import checkpoint as ckpt
 from mtl.engine import trainer as trainer_mod
+from mtl.engine.layout import RunDir, tag_for
 
 
 def param_digest(engine) -> str:
@@ -45,7 +46,7 @@ def main() -> int:
     cfg = load_config(config, overrides)
     if mode.startswith("kill_in_save="):
         # _rng_state runs inside checkpoint.save after DeepSpeed has written its files and before the marker.
-        target_dir = Path(cfg.train.output_dir).resolve() / "checkpoints" / ckpt.tag_for(int(mode.split("=")[1]))
+        target_dir = RunDir(Path(cfg.train.output_dir).resolve()).checkpoints / tag_for(int(mode.split("=")[1]))
         original = ckpt._rng_state
 
         def dying_rng_state():
@@ -68,7 +69,7 @@ def main() -> int:
         t.loss_fn = poisoned
     result = t.run()
     print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
-    print(f"DIGEST {t.env.rank} {param_digest(t.engine)}", flush=True)
+    print(f"DIGEST {t.env.rank} {param_digest(t.engine.ds)}", flush=True)
     return 3 if result.status == "preempted" else 0
 
 

@@ -1,0 +1,55 @@
+"""Load a trained run: its weights and resolved config, from a run dir, a checkpoint tag dir or an export.
+
+What a path means is :func:`mtl.engine.layout.resolve_trained`'s decision; this is the torch side of it
+(reading safetensors, consolidating a DeepSpeed checkpoint of any world size and ZeRO stage). `mtl eval` uses it,
+and so will every command that runs a trained model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl.config import Config, deep_merge, from_dict, parse_overrides
+from mtl.engine.export import consolidate, load_weights
+from mtl.engine.layout import Checkpoint, resolve_trained
+from mtl.engine.model_io import Norm, input_norm
+from mtl.errors import MtlError
+from mtl.model import MultiTaskNet, build_model
+
+
+def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full fp32 weights and the resolved config (as a dict) that trained them."""
+    source = resolve_trained(path)
+    if isinstance(source, Checkpoint):
+        return consolidate(source.root, source.tag), source.state()["config"]
+    weights, config = load_weights(source)
+    if config is None:
+        raise MtlError(f"{source}: no mtl config in its metadata; was it written by `mtl train`?")
+    return weights, config
+
+
+@dataclass
+class TrainedModel:
+    model: MultiTaskNet  # in eval mode, on the CPU
+    cfg: Config  # the run's config with the caller's overrides (e.g. data.shards=...)
+    norm: Norm  # (mean, std) the loaders normalise with
+
+
+def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
+    """The trained network rebuilt from its own config, weights loaded strictly enough to catch a mismatch."""
+    weights, config = load_trained(path)
+    cfg = from_dict(deep_merge(config, parse_overrides(overrides or [])))
+    model = build_model(cfg.model, image_size=cfg.data.image_size)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ: an override changed the architecture
+        mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
+        raise MtlError(f"{path}: weights do not fit the model ({'; '.join(mismatch) or exc})") from None
+    if missing or unexpected:
+        raise MtlError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    return TrainedModel(model, cfg, input_norm(cfg.data, model))
