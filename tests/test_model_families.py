@@ -183,7 +183,7 @@ def test_family_trains_a_step_end_to_end(name: str, tiny_shards: Path, tmp_path:
         source = {k: f.get_tensor(k) for k in f.keys()}
     size = 2 * FAMILIES[name][0]  # 2x2 patches: 32x32 frames, 28x28 for patch 14
     out = tmp_path / "run"
-    kwargs = json.dumps(TRAIN_KWARGS)
+    kwargs = json.dumps({**TRAIN_KWARGS, "patch_size": FAMILIES[name][0]})  # smoke.yaml's patch_size would merge in
     args = smoke_overrides(tiny_shards, out, tmp_path / "mlflow.db", f"model.backbone={name}",
                            f"model.backbone_kwargs={kwargs}", f"model.pretrained_file={file}",
                            f"data.image_size={size}", "train.max_steps=1")  # fmt: skip
