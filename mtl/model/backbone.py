@@ -13,6 +13,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import global_pool_nlc
 from torch import nn
 
 from mtl.config import ModelConfig
@@ -109,15 +110,23 @@ def load_pretrained_file(model: nn.Module, path: str | Path, name: str | None = 
 
 class FrameEncoder(nn.Module):
     """Images [N,3,H,W] -> features [N,D]: last-layer patch tokens averaged, the CLS token, or all patch tokens
-    concatenated in order (``flatten``: D = patches x width, for aligned crops where position carries meaning)."""
+    concatenated in order (``flatten``: D = patches x width, for aligned crops where position carries meaning).
+
+    Prefix tokens (CLS, DINOv2/DINOv3 registers) never enter ``avg`` or ``flatten``. A backbone's attention-pool
+    head (SigLIP, Perception Encoder) is not how these poolings read the tokens, so it is dropped rather than kept
+    as untrained, gradient-less parameters.
+    """
 
     def __init__(self, backbone: nn.Module, pool: str = "avg") -> None:
         super().__init__()
         if pool not in ("avg", "cls", "flatten"):
             raise MtlError(f"model.pool: expected 'avg', 'cls' or 'flatten', got {pool!r}")
         self.prefix = int(getattr(backbone, "num_prefix_tokens", 1))
-        if pool == "cls" and not getattr(backbone, "has_class_token", self.prefix > 0):
+        has_cls = getattr(backbone, "has_class_token", getattr(backbone, "cls_token", None) is not None)
+        if pool == "cls" and not has_cls:
             raise MtlError("model.pool='cls' but the backbone has no class token; use model.pool='avg'")
+        if getattr(backbone, "attn_pool", None) is not None:
+            backbone.reset_classifier(0, global_pool="token" if pool == "cls" else "avg")
         self.backbone = backbone
         self.pool = pool
         self.num_features = int(backbone.num_features)
@@ -133,12 +142,10 @@ class FrameEncoder(nn.Module):
             raise MtlError(f"backbone forward_features gave shape {tuple(tokens.shape)}; expected a ViT's [N, L, D]")
         if self.pool == "flatten":
             return tokens[:, self.prefix :].flatten(1)
-        # timm's pool() drops CLS and register tokens for 'avg' and takes token 0 for 'token'.
-        pool_fn = getattr(self.backbone, "pool", None)
-        if callable(pool_fn):
-            feats = pool_fn(tokens, pool_type="avg" if self.pool == "avg" else "token")
-        else:
-            feats = tokens[:, self.prefix :].mean(1) if self.pool == "avg" else tokens[:, 0]
+        # 'avg' leaves out the first num_prefix_tokens (CLS and registers); 'token' is token 0, the CLS token.
+        feats = global_pool_nlc(
+            tokens, pool_type="avg" if self.pool == "avg" else "token", num_prefix_tokens=self.prefix
+        )
         fc_norm = getattr(self.backbone, "fc_norm", None)  # models built with global_pool='avg' norm after pooling
         return fc_norm(feats) if fc_norm is not None else feats
 

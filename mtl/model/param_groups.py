@@ -14,20 +14,33 @@ from mtl.config import OptimConfig
 _NO_DECAY_NAMES = ("pos", "mask_token", "cls_token", "reg_token", "dist_token", "pos_embed")
 
 
+# What comes before block 0 in timm's ViT and Eva (DINOv3, PE): patch and position embeddings, CLS, register,
+# distillation and mask tokens, CLIP/PE's pre-norm. Joined to group_matcher()'s own stem, so that the lowest
+# group does not depend on what one timm release lists there.
+_STEM = r"^(cls_token|reg_token|dist_token|mask_token|pos_embed|patch_embed|norm_pre)\b"
+
+
 def backbone_layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
-    """Parameter name -> layer id (0: embeddings, i+1: block i, depth+1: final norms), and depth+1."""
+    """Parameter name -> layer id (0: embeddings and prefix tokens, i+1: block i, depth+1: final norms), depth+1.
+
+    timm's ViT and Eva both keep their transformer blocks in ``blocks``; other families use their own
+    ``group_matcher`` grouping.
+    """
     names = [n for n, _ in backbone.named_parameters()]
     blocks = getattr(backbone, "blocks", None)
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
         depth = len(blocks)
-        stem = backbone.group_matcher()["stem"] if hasattr(backbone, "group_matcher") else r"^(cls_token|pos_embed)"
-        stem_re = re.compile(stem) if isinstance(stem, str) else re.compile(r"^(cls_token|reg_token|pos_embed|patch)")
+        stems = [_STEM]
+        timm_stem = backbone.group_matcher().get("stem") if hasattr(backbone, "group_matcher") else None
+        if isinstance(timm_stem, str):
+            stems.append(timm_stem)
+        stem_res = [re.compile(s) for s in stems]
         ids: dict[str, int] = {}
         for n in names:
             m = re.match(r"^blocks\.(\d+)\.", n)
             if m:
                 ids[n] = int(m.group(1)) + 1
-            elif stem_re.match(n):
+            elif any(r.match(n) for r in stem_res):
                 ids[n] = 0
             else:
                 ids[n] = depth + 1  # final norm, fc_norm, attention pool: the top of the network
