@@ -35,7 +35,7 @@ class WindowedPredictor:
         stride: int,
         device: torch.device,
         encode_batch: int = 32,
-        window_batch: int = 8,
+        window_batch: int = 32,
     ) -> None:
         if not 1 <= stride <= window:
             raise ValueError(f"stride {stride} must be within 1..window ({window})")
