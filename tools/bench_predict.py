@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results/predict.json")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    load = round(os.getloadavg()[0], 2)
 
     import cv2
     import torch
@@ -115,6 +116,8 @@ def main() -> int:
         "model": "configs/demo.yaml architecture (vit_tiny patch 8, 64x64, flatten pool, 2-layer trunk), random",
         "detector": detector,
         "threads": args.threads,
+        # a busy machine slows torch's OpenMP threads most (they spin for cores others hold): compare like with like
+        "load_average_1min_before": load,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
     }
