@@ -54,7 +54,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mtl.predict.detect import DETECTORS
+    from mtl.predict import DETECTORS
 
     p = sub.add_parser("predict", help="predict VA, expression and AUs for every frame of videos or frame folders")
     p.add_argument("--checkpoint", type=Path, required=True, help="run dir, checkpoint tag dir or .safetensors")

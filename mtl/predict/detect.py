@@ -20,8 +20,7 @@ import cv2
 import numpy as np
 
 from mtl.errors import MtlError
-
-DETECTORS = ("auto", "hog", "haar", "yunet")
+from mtl.predict import DETECTORS
 
 
 @dataclass(frozen=True)
