@@ -12,12 +12,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mtl.data import cli as data_cli
     from mtl.engine import cli as engine_cli
     from mtl.launch import cli as launch_cli
+    from mtl.predict import cli as predict_cli
 
     parser = argparse.ArgumentParser(prog="mtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cli.register(sub)  # synth, pack, shards
     engine_cli.register(sub)  # train, eval, demo
     launch_cli.register(sub)  # submit (and submit --sweep)
+    predict_cli.register(sub)  # predict (raw videos and frame folders)
     return parser
 
 
