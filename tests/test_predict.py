@@ -13,7 +13,10 @@ from conftest import SMOKE, mtl, ok, smoke_overrides
 from face_video import face_frames, write_folder, write_video
 
 from mtl.predict.detect import Box, HaarDetector, HogDetector, make_detector
-from mtl.predict.names import ACTION_UNITS, EXPRESSIONS, csv_header
+from mtl.predict.names import csv_header
+from mtl.tasks import get_task, tasks
+
+EXPRESSIONS, ACTION_UNITS = get_task("expr").columns, get_task("au").columns
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +50,7 @@ def test_video_rows_faces_boxes_and_plot(trained_run: Path, tmp_path: Path) -> N
     assert "talk.mp4: 40 frames, 28 with a face" in proc.stdout and "frames/s" in proc.stdout
 
     header, rows = _rows(tmp_path / "out" / "talk.csv")
-    assert header == csv_header()
+    assert header == csv_header(tasks())
     assert header[:11] == ["frame", "time_s", "face", "face_x", "face_y", "face_w", "face_h", "face_score",
                            "valence", "arousal", "expression"]  # fmt: skip
     assert len(rows) == 40 and [int(r["frame"]) for r in rows] == list(range(40))
@@ -140,7 +143,7 @@ def test_windows_match_the_model_on_one_clip(trained_run: Path) -> None:
     crops = torch.randint(0, 256, (t, 3, run.image_size, run.image_size), dtype=torch.uint8, generator=g)
     has = torch.tensor([i % 3 != 1 for i in range(t)])
     cropper = FaceCropper(run.image_size, run.mean, run.std, 1.25)
-    pred = WindowedPredictor(run.model, cropper.normalise, window=t, stride=t, device=torch.device("cpu"))
+    pred = WindowedPredictor(run.model, run.tasks, cropper.normalise, window=t, stride=t, device=torch.device("cpu"))
     outs = []
     for i in range(t):
         outs += pred.push(crops[i] if has[i] else None)
@@ -148,9 +151,11 @@ def test_windows_match_the_model_on_one_clip(trained_run: Path) -> None:
     with torch.no_grad():
         ref = run.model(cropper.normalise(crops)[None], has[None], torch.zeros(1, t, dtype=torch.bool))
     assert [o.index for o in outs] == list(range(t))
-    np.testing.assert_allclose(np.stack([o.va for o in outs]), ref["va"][0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.stack([o.au_prob for o in outs]), ref["au"][0].sigmoid().numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.stack([o.expr_prob for o in outs]), ref["expr"][0].softmax(-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([o.values["va"] for o in outs]), ref["va"][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([o.values["au"] for o in outs]), ref["au"][0].sigmoid().numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack([o.values["expr"] for o in outs]), ref["expr"][0].softmax(-1).numpy(), atol=1e-5
+    )
 
 
 def test_overlapping_windows_cover_every_frame_once_finished(trained_run: Path) -> None:
@@ -160,8 +165,8 @@ def test_overlapping_windows_cover_every_frame_once_finished(trained_run: Path) 
     run = load_run(trained_run, torch.device("cpu"))
     crop = torch.zeros(3, run.image_size, run.image_size, dtype=torch.uint8)
     for n in (1, 3, 4, 5, 11):
-        pred = WindowedPredictor(run.model, lambda x: x.float(), window=4, stride=2, device=torch.device("cpu"),
-                                 encode_batch=3)  # fmt: skip
+        pred = WindowedPredictor(run.model, run.tasks, lambda x: x.float(), window=4, stride=2,
+                                 device=torch.device("cpu"), encode_batch=3)  # fmt: skip
         outs = []
         for i in range(n):
             outs += pred.push(crop if i % 2 else None)

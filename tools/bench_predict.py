@@ -48,7 +48,9 @@ def _stage_rates(checkpoint: Path, video: Path) -> dict[str, float]:
     t = time.perf_counter()
     crops = [None if f.crop is None else cropper(rgb, f.crop) for rgb, f in zip(frames, found)]
     rates["crop"] = len(frames) / (time.perf_counter() - t)
-    pred = WindowedPredictor(run.model, cropper.normalise, run.clip_len, max(1, run.clip_len // 2), run.device)
+    pred = WindowedPredictor(
+        run.model, run.tasks, cropper.normalise, run.clip_len, max(1, run.clip_len // 2), run.device
+    )
     t = time.perf_counter()
     for c in crops:
         pred.push(c)

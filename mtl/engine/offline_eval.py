@@ -14,6 +14,8 @@ from mtl.engine.layout import eval_dir
 from mtl.engine.model_io import forward
 from mtl.engine.trained import load_model
 
+THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresholds tuned on the split evaluated
+
 
 def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:
     trained = load_model(checkpoint, overrides)
@@ -28,7 +30,9 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
     assert preds is not None
     write_predictions(preds, out_dir / "predictions.csv")
     write_submission(preds, out_dir / "submission")
-    write_submission(preds, out_dir / TUNED_SUBMISSION, thresholds=metrics.thresholds())
+    thresholds = metrics.thresholds()
+    write_submission(preds, out_dir / TUNED_SUBMISSION, thresholds=thresholds)
+    (out_dir / THRESHOLDS_FILE).write_text(json.dumps({k: v.tolist() for k, v in thresholds.items()}, indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
     print(f"predictions, metrics and ABAW submission files written to {out_dir}")
     return scores

@@ -32,8 +32,8 @@ def _predict(args: argparse.Namespace) -> int:
         crop_scale=args.crop_scale, window=args.window, stride=args.stride, fps=args.fps,
         detect_size=args.detect_size, plot=args.plot, progress=not args.no_progress,
     )  # fmt: skip
-    print(f"detector: {detector.name}; window {args.window or run.clip_len} frames; "
-          f"AU thresholds {'tuned' if len(set(run.au_thresholds)) > 1 else run.au_thresholds[0]}")  # fmt: skip
+    tuned = f"tuned ({run.thresholds_from})" if run.thresholds_from else "0.5 (no `mtl eval --split val` of this run)"
+    print(f"detector: {detector.name}; window {args.window or run.clip_len} frames; thresholds {tuned}")
     failed = 0
     for path in args.inputs:
         try:

@@ -1,24 +1,23 @@
-"""A trained run made ready for prediction: its model in eval mode, its crop size and normalisation, its clip
-length (the window), and the AU decision thresholds."""
+"""A trained run made ready for prediction: its model on the device, its crop size and normalisation, its clip
+length (the window), the tasks it predicts and their decision thresholds (tuned by `mtl eval --split val` where it
+ran on this run, else 0.5)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtl.config import Config, from_dict
-from mtl.engine.offline_eval import load_trained
+from mtl.config import Config
+from mtl.engine.layout import eval_dir
+from mtl.engine.offline_eval import THRESHOLDS_FILE
+from mtl.engine.trained import load_model
 from mtl.errors import MtlError
-from mtl.model import build_model
 from mtl.model.network import MultiTaskNet
-from mtl.predict.names import ACTION_UNITS
-
-# `mtl eval` tunes per-AU thresholds on a split but writes them only into its submission files, not as numbers a
-# later command can read, so predictions decide every AU at 0.5.
-DEFAULT_AU_THRESHOLD = 0.5
+from mtl.tasks import Task, tasks
 
 
 @dataclass
@@ -27,8 +26,10 @@ class TrainedRun:
     cfg: Config
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    au_thresholds: np.ndarray
+    tasks: tuple[Task, ...]
     device: torch.device
+    thresholds: dict[str, np.ndarray] = field(default_factory=dict)  # multi-label task -> per-unit threshold
+    thresholds_from: Path | None = None
 
     @property
     def image_size(self) -> int:
@@ -48,18 +49,22 @@ def pick_device(name: str = "auto") -> torch.device:
         raise MtlError(f"--device: {exc}") from None
 
 
+def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | None]:
+    """Thresholds `mtl eval --split val` tuned on this run's validation split, where it has run."""
+    for path in (eval_dir(checkpoint, "val") / THRESHOLDS_FILE, Path(checkpoint) / "eval_val" / THRESHOLDS_FILE):
+        if path.is_file():
+            try:
+                return {k: np.asarray(v, dtype=float) for k, v in json.loads(path.read_text()).items()}, path
+            except (ValueError, AttributeError) as exc:
+                raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
+    return {}, None
+
+
 def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:
-    """Weights + resolved config from a run dir, checkpoint tag dir or .safetensors (as ``mtl eval`` reads them)."""
-    state, config = load_trained(Path(checkpoint))
-    cfg = from_dict(config)
-    model = build_model(cfg.model, image_size=cfg.data.image_size)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MtlError(
-            f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    model.eval().to(device)
-    norm = model.data_config()
-    mean, std = tuple(cfg.data.mean or norm["mean"]), tuple(cfg.data.std or norm["std"])
-    thresholds = np.full(len(ACTION_UNITS), DEFAULT_AU_THRESHOLD)
-    return TrainedRun(model, cfg, mean, std, thresholds, device)
+    """The run as ``mtl eval`` loads it (run dir, checkpoint tag dir or .safetensors), on ``device``."""
+    trained = load_model(Path(checkpoint))
+    model = trained.model.to(device)
+    mean, std = trained.norm
+    heads = tuple(t for t in tasks() if t.name in model.heads.keys())
+    thresholds, source = tuned_thresholds(Path(checkpoint))
+    return TrainedRun(model, trained.cfg, tuple(mean), tuple(std), heads, device, thresholds, source)

@@ -1,22 +1,15 @@
-"""The task vocabulary predictions are written with, kept in this one module so it can follow the task registry."""
+"""The CSV columns of `mtl predict`: the frame and face columns, then each task's prediction columns as `mtl eval`
+writes them (the task descriptions own those: VA values, the expression and its probabilities, AU decisions and
+probabilities, and any plugin task's)."""
 
 from __future__ import annotations
 
-from mtl.constants import AU_NAMES, EXPR_NAMES
+from collections.abc import Sequence
 
-EXPRESSIONS: tuple[str, ...] = tuple(EXPR_NAMES)
-ACTION_UNITS: tuple[str, ...] = tuple(AU_NAMES)
+from mtl.tasks import Task
+
 FACE_COLUMNS: tuple[str, ...] = ("frame", "time_s", "face", "face_x", "face_y", "face_w", "face_h", "face_score")
 
 
-def csv_header() -> list[str]:
-    """Frame and face columns, VA, the expression, its probabilities, AU decisions, AU probabilities."""
-    return [
-        *FACE_COLUMNS,
-        "valence",
-        "arousal",
-        "expression",
-        *(f"p_{n}" for n in EXPRESSIONS),
-        *ACTION_UNITS,
-        *(f"p_{n}" for n in ACTION_UNITS),
-    ]
+def csv_header(tasks: Sequence[Task]) -> list[str]:
+    return [*FACE_COLUMNS, *(c for t in tasks for c in t.prediction_header())]

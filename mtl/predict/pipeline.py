@@ -62,8 +62,8 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
     stride = opts.stride or max(1, window // 2)
     follower = FaceFollower(detector, detect_size=opts.detect_size, full_every=opts.full_every)
     cropper = FaceCropper(run.image_size, run.mean, run.std, opts.crop_scale)
-    predictor = WindowedPredictor(run.model, cropper.normalise, window, stride, run.device)
-    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.au_thresholds)
+    predictor = WindowedPredictor(run.model, run.tasks, cropper.normalise, window, stride, run.device)
+    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds)
     held: dict[int, tuple[float, Box | None]] = {}
     times, vas, exprs, faces = [], [], [], []
 
@@ -72,8 +72,8 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
             t, box = held.pop(out.index)
             writer.row(t, box, out)
             times.append(t)
-            vas.append(out.va)
-            exprs.append(int(out.expr_prob.argmax()))
+            vas.append(out.values.get("va", np.zeros(2)))
+            exprs.append(int(out.values["expr"].argmax()) if "expr" in out.values else -1)
             faces.append(box is not None)
 
     bar = tqdm(total=source.total, desc=name, unit="frame", disable=not opts.progress, leave=False)

@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from mtl.predict.names import EXPRESSIONS  # noqa: E402
+from mtl.tasks import get_task  # noqa: E402
+
+EXPRESSIONS = get_task("expr").columns
 
 
 def plot_timeline(

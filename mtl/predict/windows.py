@@ -14,14 +14,13 @@ import numpy as np
 import torch
 
 from mtl.model.network import MultiTaskNet
+from mtl.tasks import Task
 
 
 @dataclass
 class FrameOutput:
     index: int
-    va: np.ndarray  # [2]
-    expr_prob: np.ndarray  # [n_expr]
-    au_prob: np.ndarray  # [n_au]
+    values: dict[str, np.ndarray]  # task -> what its predictions hold (values or probabilities), averaged
 
 
 class WindowedPredictor:
@@ -30,6 +29,7 @@ class WindowedPredictor:
     def __init__(
         self,
         model: MultiTaskNet,
+        tasks: tuple[Task, ...],
         normalise,
         window: int,
         stride: int,
@@ -39,17 +39,17 @@ class WindowedPredictor:
     ) -> None:
         if not 1 <= stride <= window:
             raise ValueError(f"stride {stride} must be within 1..window ({window})")
-        self.model, self.normalise, self.device = model, normalise, device
+        self.model, self.tasks, self.normalise, self.device = model, tasks, normalise, device
         self.window, self.stride = window, stride
         self.encode_batch, self.window_batch = encode_batch, window_batch
         self.pending: list[torch.Tensor | None] = []  # crops not yet encoded
         self.base = 0  # index of the first frame still held
         self.feats: list[torch.Tensor | None] = []  # [D] per held frame, None where no image
         self.has_image: list[bool] = []
-        self.sums: list[np.ndarray | None] = []  # per held frame: va(2) + expr probs + au probs, summed over windows
+        self.sums: list[np.ndarray | None] = []  # per held frame: every task's values side by side, summed over windows
         self.counts: list[int] = []
         self.next_start = 0
-        self.sizes = [2, 0, 0]  # widths of va, expr, au in a row of sums, set by the first window run
+        self.sizes = [t.width for t in tasks]  # widths of the tasks' values in a row of sums
 
     @property
     def encoded(self) -> int:
@@ -121,7 +121,7 @@ class WindowedPredictor:
         feats, has_image, pad = feats.to(self.device), has_image.to(self.device), pad.to(self.device)
         m = self.model
         out = m.heads(m.temporal(m.masker(feats, has_image & ~pad), pad))  # MultiTaskNet.forward after the encoder
-        parts = [out["va"].float(), out["expr"].float().softmax(-1), out["au"].float().sigmoid()]
+        parts = [t.predict(out[t.name].float()) for t in self.tasks]
         self.sizes = [p.shape[-1] for p in parts]
         values = torch.cat(parts, -1)
         values = values.cpu().numpy()
@@ -138,10 +138,11 @@ class WindowedPredictor:
         # Frames before the next window's start are in no later window.
         done = (self.encoded if final else self.next_start) - self.base
         outputs = []
-        a, b = self.sizes[0], self.sizes[0] + self.sizes[1]
+        edges = np.cumsum([0, *self.sizes])
         for i in range(done):
             v = self.sums[i] / self.counts[i]
-            outputs.append(FrameOutput(self.base + i, v[:a], v[a:b], v[b:]))
+            values = {t.name: v[lo:hi] for t, lo, hi in zip(self.tasks, edges[:-1], edges[1:])}
+            outputs.append(FrameOutput(self.base + i, values))
         del self.feats[:done], self.has_image[:done], self.sums[:done], self.counts[:done]
         self.base += done
         return outputs
