@@ -52,8 +52,8 @@ H100_SXM_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 _DEFAULTS = {  # per device: what a run without flags measures
     # A step of the default training batch (4 clips x 16 frames): the engine's cost is per step (ZeRO-2 copies
     # gradients and weights through flat buffers), so a smaller batch than training uses would overstate it.
-    "cpu": {"backbone": "vit_tiny_patch16_224", "image_size": [112], "clip_len": DataConfig.clip_len,
-            "batch_size": DataConfig.batch_size,
+    "cpu": {"backbone": "vit_tiny_patch16_224", "image_size": [112], "clip_len": DataConfig().clip_len,
+            "batch_size": DataConfig().batch_size,
             "warmup": 2, "rounds": 7, "iters": 2, "memory": True, "threads": 1},
     "cuda": {"backbone": "vit_base_patch16_224", "image_size": [112, 224], "clip_len": 16, "batch_size": 16,
              "warmup": 5, "rounds": 5, "iters": 10, "memory": False, "threads": 0},

@@ -19,6 +19,7 @@ import torch
 
 from mtl.engine.distributed import barrier
 from mtl.engine.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
+from mtl.engine.safe_load import weights_only_loads
 
 
 @dataclass
@@ -101,7 +102,8 @@ def _prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
 
 def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> TrainState:
     """Collective. Restores weights, optimizer, scheduler (DeepSpeed) and this rank's RNG streams."""
-    path, _client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_loads(ckpt_dir / tag):  # DeepSpeed's loader unpickles; only weights get through
+        path, _client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     state = read_state(ckpt_dir / tag)

@@ -6,6 +6,7 @@ it on the login node, so this module imports no torch. Loading the weights it po
 
     <output_dir>/mlflow_run_id                     the MLflow run, written before the first checkpoint exists
     <output_dir>/checkpoints/step_NNNNNNNN/        one DeepSpeed checkpoint; counts once complete.json is in it
+                                                   (which records every file's size and sha256: ``damage``)
     <output_dir>/export/{last,best}.safetensors    consolidated fp32 weights, resolved config in the metadata
     <path>/eval_<split>/                           what `mtl eval` writes by default
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ RUN_ID_FILE = "mlflow_run_id"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 COMPLETE = "complete.json"  # written last, by rank 0, once every rank has saved its part
+DAMAGED = "damaged.json"  # a complete.json whose files no longer match it, renamed: never complete again
 TAG_RE = re.compile(r"^step_(\d{8})$")
 WEIGHTS_SUFFIX = ".safetensors"
 EXPORTS = ("last", "best")
@@ -48,12 +51,22 @@ def latest_complete(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def file_records(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a tag (its marker excluded), by path relative to the tag."""
+    from mtl.data.manifest import file_sha256
+
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and not p.name.startswith((COMPLETE, DAMAGED)))
+    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+
+
 def write_marker(tag_dir: Path, state: dict[str, Any]) -> None:
-    """The completion marker, atomically: a checkpoint counts from the moment this rename lands."""
+    """The completion marker, atomically: a checkpoint counts from the moment this rename lands. It records what
+    was written, so a file lost or truncated later is found before DeepSpeed reads it (``damage``)."""
     path = tag_dir / COMPLETE
     tmp = path.with_suffix(path.suffix + ".tmp")
+    marker = {"tag": tag_dir.name, "state": state, "files": file_records(tag_dir)}
     with open(tmp, "w") as f:
-        json.dump({"tag": tag_dir.name, "state": state}, f, indent=2)
+        json.dump(marker, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -67,6 +80,39 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
             return json.load(f)["state"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MtlError(f"{path}: not a readable checkpoint marker ({exc})") from None
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What no longer matches the files recorded in a complete tag's marker; None when intact (or unrecorded)."""
+    from mtl.data.manifest import file_sha256
+
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{COMPLETE} unreadable ({exc})"
+    for rel, want in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, {want['size']} were written"
+    for rel, want in files.items():
+        if file_sha256(tag_dir / rel) != want["sha256"]:
+            return f"{rel} does not match the sha256 recorded when it was saved"
+    return None
+
+
+def newest_intact(ckpt_dir: Path, warn: Callable[[str], None]) -> str | None:
+    """The newest complete tag whose files are intact. A damaged newer one is marked so (its marker renamed to
+    damaged.json, so nothing treats it as complete again and the next save prunes it) and reported.
+    Run it on one rank and share the answer."""
+    for tag in reversed(complete_tags(ckpt_dir)):
+        problem = damage(ckpt_dir / tag)
+        if problem is None:
+            return tag
+        os.replace(ckpt_dir / tag / COMPLETE, ckpt_dir / tag / DAMAGED)
+        warn(f"checkpoint {ckpt_dir / tag} is damaged ({problem}); marked {DAMAGED}, falling back to the one before")
+    return None
 
 
 @dataclass(frozen=True)
@@ -117,8 +163,9 @@ class RunDir:
             return None
         return self.run_id_file.read_text().strip() or None
 
-    def latest(self) -> Checkpoint | None:
-        tag = latest_complete(self.checkpoints)
+    def latest(self, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
+        """The newest complete checkpoint; with ``warn``, the newest intact one (damaged ones marked, reported)."""
+        tag = latest_complete(self.checkpoints) if warn is None else newest_intact(self.checkpoints, warn)
         return Checkpoint(self.checkpoints, tag) if tag else None
 
     def require_no_checkpoints(self) -> None:
@@ -143,13 +190,16 @@ def _in_dir(path: Path) -> Checkpoint | None:
     return None
 
 
-def resume_point(resume: str, run: RunDir) -> Checkpoint | None:
-    """Where training continues from (None: from scratch), for train.resume = auto | never | a directory."""
+def resume_point(resume: str, run: RunDir, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
+    """Where training continues from (None: from scratch), for train.resume = auto | never | a directory.
+
+    With ``warn`` (training, on one rank), train.resume=auto skips damaged checkpoints (see ``newest_intact``).
+    """
     if resume == "never":
         run.require_no_checkpoints()
         return None
     if resume == "auto":
-        return run.latest()
+        return run.latest(warn)
     path = Path(resume)
     if not path.exists():
         raise MtlError(f"train.resume={resume}: no such checkpoint directory")

@@ -3,6 +3,9 @@
 SLURM (``--signal=USR2@90``, submitit's default) and ``scontrol requeue``/``scancel`` (SIGTERM) signal every task.
 The handler only sets a flag: saving inside a signal handler would race the training step, and DeepSpeed's save
 is collective, so the ranks agree on the flag at the next optimizer step and save together.
+
+Ctrl-C (SIGINT) stops the same way, so an interactive run keeps its work; a second Ctrl-C while that save is
+pending gives up on it and interrupts at once.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopFlag:
@@ -23,6 +26,10 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop now)", flush=True)
         self.signum = signum
 
     def install(self) -> StopFlag:

@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.evaluate import evaluate, to_device
 from mtl.engine.export import consolidate, save_weights
-from mtl.engine.layout import EXPORTS, RunDir, resume_point, tag_for
+from mtl.engine.layout import EXPORTS, Checkpoint, RunDir, resume_point, tag_for
 from mtl.engine.model_io import input_norm
 from mtl.engine.preemption import StopFlag
 from mtl.engine.step import build_engine
@@ -86,6 +87,10 @@ class _Window:
         return logged
 
 
+def _warn(msg: str) -> None:
+    print(f"mtl train: warning: {msg}", file=sys.stderr, flush=True)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -96,7 +101,7 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         barrier()
-        resume_from = resume_point(cfg.train.resume, self.run_dir)
+        resume_from = self._resume_point()
         self.manifest = read_manifest(cfg.data.shards)
         splits = self.manifest["splits"]
         if cfg.data.train_split not in splits:
@@ -116,6 +121,19 @@ class Trainer:
         self.bad_streak = 0  # consecutive non-finite losses
         self.last_scores: dict[str, float] = {}
         self.bar: tqdm | None = None
+
+    def _resume_point(self) -> Checkpoint | None:
+        """Decided on rank 0 (which marks damaged checkpoints) and shared, errors included, so no rank waits."""
+        answer: tuple[Checkpoint | None, str | None] = (None, None)
+        if self.env.is_main:
+            try:
+                answer = (resume_point(self.cfg.train.resume, self.run_dir, warn=_warn), None)
+            except MtlError as exc:
+                answer = (None, str(exc))
+        found, error = broadcast_object(answer)
+        if error is not None:
+            raise MtlError(error)
+        return found
 
     # ------------------------------------------------------------------------------------------ tracking
 

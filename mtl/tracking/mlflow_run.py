@@ -74,6 +74,7 @@ class Tracker:
         self.uri = resolve_uri(cfg)
         self.run_id = run_id
         self._metrics: list[Metric] = []
+        self._logged_to: dict[str, int] = {}  # key -> last step already in the run (a resumed run skips those)
         if not self.active:
             return
         self.client = MlflowClient(self.uri)
@@ -81,6 +82,12 @@ class Tracker:
             self.run_id = create_run(cfg, run_name or cfg.run_name, cfg.parent_run_id)
         else:
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self._logged_to = self._last_steps()
+
+    def _last_steps(self) -> dict[str, int]:
+        """Steps a killed attempt logged after its last checkpoint come again after the resume: log them once."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
 
     @property
     def resumed(self) -> bool:
@@ -102,7 +109,9 @@ class Tracker:
         if not self.active:
             return
         now = int(time.time() * 1000)
-        self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._metrics.extend(
+            Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged_to.get(k, -1)
+        )
         if flush or len(self._metrics) >= 200:
             self.flush()
 

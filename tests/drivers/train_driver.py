@@ -5,6 +5,7 @@ usage: train_driver.py MODE CONFIG [key=value ...]
   kill_in_save=N       SIGKILL this process in the middle of saving step N (DeepSpeed files written, no marker)
   nan_at_micro=K       the loss of micro-batch K (1-based, this process's count) is NaN
   nan_from_micro=K     every loss from micro-batch K on is NaN
+  kill_after_log=N     SIGKILL this process right after the metrics of step N reached MLflow
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def main() -> int:
             return (total * float("nan") if bad else total), parts
 
         t.loss_fn = poisoned
+    if mode.startswith("kill_after_log="):
+        n, log_metrics = int(mode.split("=")[1]), t.tracker.log_metrics
+
+        def log_then_die(metrics, step, flush=False):
+            log_metrics(metrics, step, flush)
+            if step >= n:
+                t.tracker.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        t.tracker.log_metrics = log_then_die
     result = t.run()
     print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
     print(f"DIGEST {t.env.rank} {param_digest(t.engine.ds)}", flush=True)

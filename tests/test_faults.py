@@ -1,0 +1,177 @@
+"""Faults a user or an operator meets: each ends with one clear line or recovers, and nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DRIVER, SMOKE, free_port, mtl, ok, run, smoke_overrides
+from mlflow.tracking import MlflowClient
+
+from mtl.config import from_dict, to_dict
+from mtl.engine import checkpoint as ckpt
+from mtl.engine import layout
+from mtl.engine.export import save_weights
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2, no traceback, and one `mtl ...: error:` line that holds every word."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_truncated_export_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "export" / "best.safetensors"
+    save_weights({"w": torch.zeros(256, 256)}, path, to_dict(from_dict({})))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _one_line_error(mtl("eval", "--checkpoint", str(path)), str(path), "not a readable safetensors file")
+    _one_line_error(mtl("eval", "--checkpoint", str(tmp_path)), str(path))  # the run dir resolves to it
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: the code a crafted checkpoint file would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+_ZERO2_CHECKPOINT = """
+import os, sys, torch, deepspeed
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+model = torch.nn.Linear(4, 4)
+cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+engine.backward(engine(torch.randn(2, 4)).sum())
+engine.step()
+engine.save_checkpoint(sys.argv[1], tag="step_00000001", save_latest=False)
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_crafted_checkpoint_is_refused_not_run(stage: int, tmp_path: Path) -> None:
+    """A checkpoint tag holding a pickle that runs code: `mtl eval` refuses it and the code never runs."""
+    tag_dir = tmp_path / "checkpoints" / layout.tag_for(1)
+    marker = tmp_path / "pwned"
+    if stage == 0:
+        tag_dir.mkdir(parents=True)
+        victim = tag_dir / "mp_rank_00_model_states.pt"
+        torch.save({"module": {"w": torch.zeros(2)}, "x": _Payload(marker)}, victim)
+    else:  # a real ZeRO-2 checkpoint, its optimizer file rewritten with the payload
+        ok(run([sys.executable, "-c", _ZERO2_CHECKPOINT, str(tag_dir.parent), str(free_port())]))
+        victim = next(tag_dir.glob("*optim_states.pt"))
+        content = torch.load(victim, weights_only=False)  # written by this test just now
+        torch.save({**content, "x": _Payload(marker)}, victim)
+    state = ckpt.TrainState(step=1, config=to_dict(from_dict({})))
+    (tag_dir / layout.COMPLETE).write_text(json.dumps({"tag": tag_dir.name, "state": state.to_dict()}))
+    _one_line_error(mtl("eval", "--checkpoint", str(tag_dir)), str(tag_dir), "refused to unpickle")
+    assert not marker.exists(), "a checkpoint file ran code while being loaded"
+
+
+def _runs(db: Path):
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("mtl-smoke")
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_newest_checkpoint_falls_back(damage: str, tiny_shards: Path, tmp_path: Path) -> None:
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    ckpts = out / "checkpoints"
+    keep = ("train.ckpt_every=2", "train.keep_last=3")
+    ok(mtl("train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=4", *keep)))
+    assert layout.complete_tags(ckpts) == ["step_00000002", "step_00000004"]
+    victim = sorted((ckpts / "step_00000004").glob("*optim_states.pt"))[0]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=6", *keep)
+    resumed = ok(mtl("train", "--config", str(SMOKE), *args))
+    warning = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    assert warning and str(ckpts / "step_00000004") in warning[0] and victim.name in warning[0], resumed.stderr[-3000:]
+    assert "completed at step 6" in resumed.stdout
+    _, runs = _runs(db)
+    assert len(runs) == 1 and runs[0].data.tags["resumed_from"] == "step_00000002"
+    # the damaged tag was never complete again: step 4 was trained anew and saved intact
+    assert layout.complete_tags(ckpts)[-1] == "step_00000006"
+    for tag in layout.complete_tags(ckpts):
+        assert layout.damage(ckpts / tag) is None
+
+
+def _popen_train(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def _logged_steps(db: Path) -> list[int]:
+    """Steps of train/loss in the store, read straight from its SQLite file (quick enough to poll)."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return [r[0] for r in con.execute("SELECT step FROM metrics WHERE key = 'train/loss'")]
+    except sqlite3.Error:  # the store is being created
+        return []
+
+
+def _wait(pred, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.time() < end, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resumed_history_has_each_step_once(tiny_shards: Path, tmp_path: Path) -> None:
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=40", "train.ckpt_every=30")
+    ckpts = out / "checkpoints"
+
+    # SIGKILL with steps 1-12 logged and no checkpoint yet: the resumed run trains them again and must not log
+    # them a second time
+    died = run([sys.executable, str(DRIVER), "kill_after_log=12", str(SMOKE), *args])
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    assert sorted(_logged_steps(db)) == list(range(1, 13)) and layout.latest_complete(ckpts) is None
+
+    # Ctrl-C after the checkpoint at step 30: the step ends, a checkpoint is saved, the run stops cleanly as
+    # KILLED (exit 3, as preempted)
+    proc = _popen_train(args)
+    try:
+        _wait(lambda: layout.latest_complete(ckpts) is not None, proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "Traceback" not in stderr
+    stopped = int(stdout.split("preempted at step ")[1].split(";")[0])
+    assert 30 <= stopped < 40 and layout.latest_complete(ckpts) == layout.tag_for(stopped)
+    _, runs = _runs(db)
+    assert runs[0].info.status == "KILLED"
+
+    final = ok(mtl("train", "--config", str(SMOKE), *args))
+    assert "completed at step 40" in final.stdout
+    steps = _logged_steps(db)
+    assert sorted(steps) == list(range(1, 41)), f"steps logged more than once or missing: {sorted(steps)}"
