@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from mtl.config import ConfigError
+from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
-from mtl.launch import prepare
+from mtl.launch import prepare, slurm_request
 from mtl.launch.sweep import element_configs, element_name, read_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,13 +87,13 @@ def test_a_bad_element_is_named_before_anything_is_queued(tmp_path: Path) -> Non
 def test_flags_override_the_slurm_section_and_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = prepare.load_for_submit(
+    cfg = slurm_request.load_for_submit(
         SMOKE,
         ["slurm.nodes=3", "slurm.partition=a", "data.shards=sh", "train.resume=ckpts/x"],
         {"nodes": 2, "partition": None, "gpus_per_node": 0, "tasks_per_node": 2, "time": 15, "folder": "logs/%j"},
     )
     assert (cfg.slurm.nodes, cfg.slurm.partition, cfg.slurm.time_min) == (2, "a", 15)
-    assert prepare.tasks_per_node(cfg) == 2
+    assert slurm_request.tasks_per_node(cfg) == 2
     assert cfg.data.shards == str(tmp_path / "sh")
     assert cfg.train.output_dir == str(tmp_path / "runs" / "smoke")
     assert cfg.train.resume == str(tmp_path / "ckpts" / "x")
@@ -101,61 +102,88 @@ def test_flags_override_the_slurm_section_and_paths_become_absolute(tmp_path: Pa
 
 
 def test_one_task_per_gpu_by_default() -> None:
-    cfg = prepare.load_for_submit(None, [], {"gpus_per_node": 4})
-    assert prepare.tasks_per_node(cfg) == 4
-    assert prepare.tasks_per_node(prepare.load_for_submit(None, [], {"gpus_per_node": 0})) == 1
+    cfg = slurm_request.load_for_submit(None, [], {"gpus_per_node": 4})
+    assert slurm_request.tasks_per_node(cfg) == 4
+    assert slurm_request.tasks_per_node(slurm_request.load_for_submit(None, [], {"gpus_per_node": 0})) == 1
 
 
 def test_request_checks_fail_before_slurm_is_asked(monkeypatch) -> None:
     monkeypatch.setenv("PATH", "")  # no SLURM tool could be reached: these must fail first
-    cfg = prepare.load_for_submit(None, [], {"time": 1})
+    cfg = slurm_request.load_for_submit(None, [], {"time": 1})
     with pytest.raises(ConfigError, match=r"slurm.time_min=1 min is not longer than slurm.signal_delay_s=90 s"):
-        prepare.check_request(cfg)
-    cfg = prepare.load_for_submit(None, [], {"nodes": 2, "gpus_per_node": 0})
+        slurm_request.check_request(cfg)
+    cfg = slurm_request.load_for_submit(None, [], {"nodes": 2, "gpus_per_node": 0})
     with pytest.raises(ConfigError, match="set slurm.tasks_per_node"):
-        prepare.check_request(cfg)
+        slurm_request.check_request(cfg)
     with pytest.raises(MtlError, match="sbatch not found on PATH"):
-        prepare.check_request(prepare.load_for_submit(None, [], {}))
+        slurm_request.check_request(slurm_request.load_for_submit(None, [], {}))
 
 
 def test_inputs_the_job_would_open_are_checked(tmp_path: Path) -> None:
-    cfg = prepare.load_for_submit(SMOKE, [f"data.shards={tmp_path / 'none'}"], {})
+    cfg = slurm_request.load_for_submit(SMOKE, [f"data.shards={tmp_path / 'none'}"], {})
     with pytest.raises(MtlError, match=r"data.shards=.*none: no manifest.json"):
         prepare.check_inputs(cfg)
     (tmp_path / "manifest.json").write_text("{}")
     ok = [f"data.shards={tmp_path}", f"train.output_dir={tmp_path / 'out'}"]
-    prepare.check_inputs(prepare.load_for_submit(SMOKE, ok, {}))
+    prepare.check_inputs(slurm_request.load_for_submit(SMOKE, ok, {}))
     with pytest.raises(ConfigError, match="model.backbone='vit_tiny_patch16_225' is not a timm model"):
-        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "model.backbone=vit_tiny_patch16_225"], {}))
+        prepare.check_inputs(slurm_request.load_for_submit(SMOKE, [*ok, "model.backbone=vit_tiny_patch16_225"], {}))
     with pytest.raises(MtlError, match="model.pretrained_file=.*: file not found"):
-        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "model.pretrained_file=w.safetensors"], {}))
+        prepare.check_inputs(slurm_request.load_for_submit(SMOKE, [*ok, "model.pretrained_file=w.safetensors"], {}))
     done = tmp_path / "out" / "checkpoints" / "step_00000003"
     done.mkdir(parents=True)
     (done / "complete.json").write_text("{}")
     with pytest.raises(MtlError, match="train.resume=never but .* already holds checkpoints"):
-        prepare.check_inputs(prepare.load_for_submit(SMOKE, [*ok, "train.resume=never"], {}))
+        prepare.check_inputs(slurm_request.load_for_submit(SMOKE, [*ok, "train.resume=never"], {}))
 
 
 def test_runs_made_at_submission_and_continued_from_the_output_dir(tmp_path: Path, monkeypatch) -> None:
     """A new run per submission; a resubmitted output_dir continues the run the engine recorded there."""
     from mlflow.tracking import MlflowClient
 
-    from mtl.launch.submit import open_run
+    from mtl.tracking.runs import open_run as open_tracking_run
+
+    def open_run(cfg, name, tags):  # as `mtl submit` calls it
+        return open_tracking_run(cfg.tracking, name, tags, prepare.existing_run_id(cfg))
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     db, out = tmp_path / "mlflow.db", tmp_path / "out"
     base = [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "tracking.experiment=e"]
-    cfg = prepare.load_for_submit(SMOKE, base, {})
+    cfg = slurm_request.load_for_submit(SMOKE, base, {})
     run_id, made = open_run(cfg, "first", {"k": "v"})
     client = MlflowClient(f"sqlite:///{db}")
     run = client.get_run(run_id)
     assert made and run.info.run_name == "first" and run.data.tags["k"] == "v"
 
     out.mkdir()
-    (out / prepare.RUN_ID_FILE).write_text(f"{run_id}\n")
+    (out / RUN_ID_FILE).write_text(f"{run_id}\n")
     assert open_run(cfg, "again", {}) == (run_id, False)
-    fresh, made = open_run(prepare.load_for_submit(SMOKE, [*base, "train.resume=never"], {}), None, {})
+    fresh, made = open_run(slurm_request.load_for_submit(SMOKE, [*base, "train.resume=never"], {}), None, {})
     assert made and fresh != run_id
     with pytest.raises(MtlError, match="MLflow run 0123abc not found"):
-        open_run(prepare.load_for_submit(SMOKE, [*base, "tracking.run_id=0123abc"], {}), None, {})
-    assert open_run(prepare.load_for_submit(SMOKE, [*base, "tracking.enabled=false"], {}), None, {}) == (None, False)
+        open_run(slurm_request.load_for_submit(SMOKE, [*base, "tracking.run_id=0123abc"], {}), None, {})
+    disabled = slurm_request.load_for_submit(SMOKE, [*base, "tracking.enabled=false"], {})
+    assert open_run(disabled, None, {}) == (None, False)
+
+
+def test_slurm_train_outside_a_job_fails_with_one_line(monkeypatch, capsys) -> None:
+    from mtl.cli import main
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    rc = main(["slurm-train", "--config", str(SMOKE)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("mtl slurm-train: error: SLURM_JOB_ID is not set") and "`mtl train`" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_requeue_names_the_job_as_squeue_does(monkeypatch) -> None:
+    """An array element is ``<array>_<index>`` for squeue/scontrol (as submitit names it), not its own job id."""
+    from mtl.launch.requeue import slurm_job_id
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "130")
+    assert slurm_job_id() == "130"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    assert slurm_job_id() == "123_4"

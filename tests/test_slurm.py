@@ -1,4 +1,4 @@
-"""`mtl submit`, preemption/requeue, sweeps and the sbatch templates on a real one-node SLURM cluster.
+"""`mtl submit`, preemption/requeue, sweeps and the sbatch template on a real one-node SLURM cluster.
 
 Every job is a real 2-rank (or 1-rank) DeepSpeed ZeRO-2 run of the smoke model on CPU (gloo), logging to a real
 MLflow store; the cluster is started by tools/slurm-local.sh (see slurm_fixtures.py).
@@ -146,9 +146,8 @@ def test_cancelled_job_saves_and_stays_cancelled(
     assert r.info.status == "KILLED"
 
 
-def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(
-    slurm_cluster: str, tiny_shards: Path, tmp_path: Path
-) -> None:
+def _sbatch_preempted(slurm_cluster: str, tiny_shards: Path, tmp_path: Path, **env: str) -> tuple[str, Path]:
+    """slurm/train.sbatch on 2 CPU tasks, sent USR2 once the first checkpoint exists: (job id, its log)."""
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
     args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10", "train.keep_last=5")
     log = tmp_path / "job.out"
@@ -156,24 +155,55 @@ def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(
         "CONFIG": str(SMOKE),
         "OVERRIDES": " ".join(args[:2]),  # the rest as script arguments: both ways reach `mtl train`
         "MTL": f"{sys.executable} -m mtl.cli",
+        **env,
     }
     proc = ok(run(["sbatch", "--parsable", "--partition", slurm_cluster, "--gpus-per-node=0", "--ntasks-per-node=2",
-                   "--cpus-per-task=1", "--time=5", f"--output={log}", str(REPO / "slurm" / "train-1node.sbatch"),
+                   "--cpus-per-task=1", "--time=5", f"--output={log}", str(REPO / "slurm" / "train.sbatch"),
                    *args[2:]], env=env))  # fmt: skip
     job = proc.stdout.strip().split(";")[0]
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    return job, log
+
+
+def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    job, log = _sbatch_preempted(slurm_cluster, tiny_shards, tmp_path)
     info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert info["Restarts"] == "1" and "mtl: checkpoint saved; requeueing job" in text, text[-3000:]
+    assert info["Restarts"] == "1", text[-3000:]
+    # rank 0 requeued it with the same code as a submitit job (tasks: `mtl slurm-train`), within max_requeue
+    saved = re.search(rf"checkpoint saved at step (\d+); requeued job {job} \(1 of 3\)", text)
+    assert saved, text[-3000:]
     assert "(restart 1)" in text
 
     (r,) = _runs(db)
     assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2"
-    assert r.data.tags["resumed_from"].startswith("step_")
+    assert r.data.tags["resumed_from"] == f"step_{int(saved.group(1)):08d}"
     assert _steps(db, r.info.run_id) == list(range(1, 101))
     assert (out / "export" / "last.safetensors").is_file()
+
+
+def test_sbatch_template_stops_requeueing_at_max_requeue(slurm_cluster: str, tiny_shards: Path, tmp_path: Path) -> None:
+    """MAX_REQUEUE=0 (slurm.max_requeue): the checkpoint is kept, the job is not requeued, and it fails saying how
+    to continue."""
+    job, log = _sbatch_preempted(slurm_cluster, tiny_shards, tmp_path, MAX_REQUEUE="0")
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    time.sleep(3)  # a wrong requeue would show by now
+    info, text = job_info(job), log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-3000:]
+    refused = re.search(
+        rf"mtl slurm-train: error: checkpoint saved at step (\d+), but job {job} was already requeued 0 times "
+        r"\(slurm.max_requeue=0\); submit again with the same train.output_dir",
+        text,
+    )
+    assert refused, text[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / f"step_{int(refused.group(1)):08d}" / "complete.json").is_file()
+    (r,) = _runs(tmp_path / "mlflow.db")
+    assert r.info.status == "KILLED"
 
 
 def test_sweep_is_one_array_with_child_runs_under_one_parent(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster (munge + slurmctld + slurmd) on this machine, so that `mtl submit`, sweeps,
-# preemption/requeue and the sbatch templates can be tried and tested without a cluster.
+# preemption/requeue and the sbatch template can be tried and tested without a cluster.
 #
 #   tools/slurm-local.sh up       install (Debian/Ubuntu, needs root) if missing, configure, start, wait until idle
 #   tools/slurm-local.sh down     stop slurmd, slurmctld and munged (the config and state stay)
@@ -102,7 +102,7 @@ SchedulerType=sched/backfill
 # look at pending jobs every 2 s (default 60 s), so a requeued job restarts promptly
 SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
-# requeue: batch jobs may be requeued (scontrol requeue, submitit, the sbatch templates); logs are appended
+# requeue: batch jobs may be requeued (scontrol requeue, submitit, the sbatch template); logs are appended
 JobRequeue=1
 JobFileAppend=1
 # a preempted/cancelled job gets SIGTERM, then KillWait seconds to write its checkpoint before SIGKILL

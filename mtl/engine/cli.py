@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-EXIT_PREEMPTED = 3  # a checkpoint was saved on SIGUSR2/SIGTERM: the launcher should requeue
+from mtl.engine.preemption import EXIT_PREEMPTED
+
+if TYPE_CHECKING:
+    from mtl.engine.trainer import TrainResult
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -14,14 +18,20 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group or model exists
     from mtl.engine.trainer import train
-    from mtl.metrics import summary_line
 
     result = train(cfg)
+    print_result(result)
+    return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+def print_result(result: TrainResult) -> None:
+    """The run's outcome and final scores, once (from global rank 0)."""
+    from mtl.metrics import summary_line
+
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run {result.run_id}: {result.status} at step {result.step}; outputs in {result.output_dir}")
         if result.metrics:
             print(summary_line(result.metrics))
-    return EXIT_PREEMPTED if result.status == "preempted" else 0
 
 
 def _eval(args: argparse.Namespace) -> int:

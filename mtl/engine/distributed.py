@@ -1,7 +1,7 @@
 """One process group set-up for every launcher: a single process, torchrun, accelerate launch, srun, submitit.
 
 torchrun, accelerate and submitit's ``TorchDistributedEnvironment().export()`` set RANK/WORLD_SIZE/...; a bare
-``srun`` (the sbatch templates) sets only SLURM variables, which are mapped here so both paths run the same code.
+``srun`` (slurm/train.sbatch) sets only SLURM variables, which are mapped here so both paths run the same code.
 """
 
 from __future__ import annotations

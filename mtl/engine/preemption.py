@@ -14,6 +14,7 @@ import signal
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+EXIT_PREEMPTED = 3  # exit status of a process that saved a checkpoint on one of them: the launcher should requeue
 
 
 class StopFlag:

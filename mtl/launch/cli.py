@@ -1,8 +1,10 @@
-"""`mtl submit`: one training job on SLURM, or with ``--sweep FILE`` one job array of them."""
+"""`mtl submit`: one training job on SLURM, or with ``--sweep FILE`` one job array of them; `mtl slurm-train`:
+what each task of slurm/train.sbatch runs."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -19,6 +21,18 @@ def _submit(args: argparse.Namespace) -> int:
     from mtl.launch.submit import submit
 
     return submit(args.config, args.overrides, _flags(args), wait=args.wait)
+
+
+def _slurm_train(args: argparse.Namespace) -> int:
+    from mtl.config import load_config
+    from mtl.engine.cli import print_result
+    from mtl.launch.requeue import slurm_job_id, train_and_requeue
+
+    job_id = slurm_job_id()  # outside a job: an error before anything is loaded
+    cfg = load_config(args.config, args.overrides)
+    # rank, world size and the rendezvous come from SLURM's variables (mtl.engine.distributed)
+    print_result(train_and_requeue(cfg, job_id, int(os.environ.get("SLURM_PROCID", "0"))))
+    return 0
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -49,3 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="a sweep YAML: one job array")
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser(
+        "slurm-train",
+        help="`mtl train` inside an sbatch job (slurm/train.sbatch); requeues the job after a preemption",
+        description="What every `srun` task of slurm/train.sbatch runs: `mtl train` with the same arguments; after "
+        "a preemption checkpoint global rank 0 requeues the job as `mtl submit` does (only while SLURM still has "
+        "it RUNNING, at most slurm.max_requeue times) and the tasks exit with status 3.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: mtl/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_slurm_train)

@@ -1,45 +1,18 @@
-"""Everything `mtl submit` checks and resolves on the login node, before anything is queued.
+"""What a launcher checks and resolves before it queues a job, whatever the scheduler.
 
 A job that would fail on its first line should fail here instead, in seconds, naming the key or the file: the
-config (keys, types, ranges), the SLURM request (sbatch present, partition known, time limit longer than the
-preemption warning), and the inputs the job will open (shards manifest, pretrained file, resume directory).
-Relative paths are made absolute against the submit directory, so requeued jobs and array elements that start
-elsewhere read and write the same places.
+inputs the job will open (shards manifest, pretrained file, resume directory) and the backbone. Relative paths
+are made absolute against the submit directory, so requeued jobs and array elements that start elsewhere read and
+write the same places. The SLURM side of a request is checked in mtl.launch.slurm_request.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mtl.config import Config, ConfigError, load_config, replace
-from mtl.engine.layout import RUN_ID_FILE, RunDir, resume_point  # noqa: F401 (RUN_ID_FILE: sweep.py's message)
+from mtl.config import Config, ConfigError, replace
+from mtl.engine.layout import RunDir, resume_point
 from mtl.errors import MtlError
-from mtl.launch import cluster
-
-# `mtl submit` flag -> the slurm.* key it sets (flags win over the config file and key=value overrides).
-FLAG_KEYS = {
-    "nodes": "slurm.nodes",
-    "gpus_per_node": "slurm.gpus_per_node",
-    "tasks_per_node": "slurm.tasks_per_node",
-    "cpus_per_task": "slurm.cpus_per_task",
-    "mem_gb": "slurm.mem_gb",
-    "partition": "slurm.partition",
-    "time": "slurm.time_min",
-    "folder": "slurm.folder",
-}
-
-
-def flag_overrides(flags: dict[str, object]) -> list[str]:
-    """``{"nodes": 2, "partition": None}`` -> ``["slurm.nodes=2"]`` (unset flags leave the config alone)."""
-    return [f"{FLAG_KEYS[k]}={v}" for k, v in flags.items() if k in FLAG_KEYS and v is not None]
-
-
-def tasks_per_node(cfg: Config) -> int:
-    """One task per GPU; on CPU partitions slurm.tasks_per_node, else 1."""
-    s = cfg.slurm
-    if s.tasks_per_node is not None:
-        return s.tasks_per_node
-    return max(1, s.gpus_per_node)
 
 
 def _abs(path: str | None, base: Path) -> str | None:
@@ -81,26 +54,6 @@ def check_inputs(cfg: Config) -> None:
         close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:5]
         hint = f" (e.g. {', '.join(close)})" if close else ""
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} is not a timm model{hint}")
-
-
-def check_request(cfg: Config) -> str:
-    """The SLURM side: tools present, partition known, sensible limits. Returns the partition used."""
-    s = cfg.slurm
-    if s.time_min * 60 <= s.signal_delay_s:
-        raise ConfigError(
-            f"slurm.time_min={s.time_min} min is not longer than slurm.signal_delay_s={s.signal_delay_s} s: "
-            "the job would be told to checkpoint before it starts"
-        )
-    if s.gpus_per_node == 0 and s.tasks_per_node is None and s.nodes > 1:
-        raise ConfigError("slurm.gpus_per_node=0 on several nodes: set slurm.tasks_per_node (--tasks-per-node)")
-    cluster.require_sbatch()
-    return cluster.check_partition(s.partition)
-
-
-def load_for_submit(config: str | Path | None, overrides: list[str], flags: dict[str, object]) -> Config:
-    """Validated config with the flags applied and paths absolute; raises before anything touches SLURM."""
-    cfg = load_config(config, [*overrides, *flag_overrides(flags)])
-    return absolutize(cfg)
 
 
 def existing_run_id(cfg: Config) -> str | None:

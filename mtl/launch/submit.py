@@ -1,8 +1,8 @@
 """`mtl submit`: validate on the login node, create the MLflow run, queue one submitit job, optionally wait.
 
-The MLflow run is made here, before the job is queued, so its id can be printed next to the job id and passed to
-the job (``tracking.run_id``); a requeued job carries the same config and so logs into the same run. If queuing
-fails, the run made for it is deleted again.
+The MLflow run is made here (mtl.tracking.runs), before the job is queued, so its id can be printed next to the
+job id and passed to the job (``tracking.run_id``); a requeued job carries the same config and so logs into the
+same run. If queuing fails, the run made for it is deleted again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 from mtl.config import Config, replace, to_dict
 from mtl.errors import MtlError
 from mtl.launch import cluster
-from mtl.launch.prepare import check_inputs, check_request, existing_run_id, load_for_submit, tasks_per_node
+from mtl.launch.prepare import check_inputs, existing_run_id
+from mtl.launch.slurm_request import check_request, load_for_submit, tasks_per_node
+from mtl.tracking.runs import delete_runs, open_run, tag_run
 
 Printer = Callable[[str], None]
 
@@ -47,8 +49,13 @@ class Queued:
 # --------------------------------------------------------------------------------------------- executor
 
 
+def slug(text: str, limit: int) -> str:
+    """``text`` as a job or directory name: runs of other characters than ``A-Za-z0-9._=+-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:limit]
+
+
 def job_name(name: str) -> str:
-    return "mtl-" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", name)[:60]
+    return "mtl-" + slug(name, 60)
 
 
 def make_executor(cfg: Config, partition: str, name: str) -> Any:
@@ -75,48 +82,6 @@ def make_executor(cfg: Config, partition: str, name: str) -> Any:
         params["mem_gb"] = s.mem_gb
     executor.update_parameters(**params)
     return executor
-
-
-# --------------------------------------------------------------------------------------------- MLflow
-
-
-def mlflow_client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def open_run(cfg: Config, name: str | None, tags: dict[str, str]) -> tuple[str | None, bool]:
-    """(run id, made here?) for the job: tracking.run_id, else the output dir's run, else a new run."""
-    from mtl.tracking.mlflow_run import create_run
-
-    t = cfg.tracking
-    if not t.enabled:
-        return None, False
-    run_id = t.run_id or existing_run_id(cfg)
-    if run_id:
-        try:
-            mlflow_client(t.uri).get_run(run_id)
-        except Exception as exc:
-            raise MtlError(f"MLflow run {run_id} not found in {t.uri}: {str(exc).splitlines()[0]}") from None
-        return run_id, False
-    return create_run(t, run_name=name, parent_run_id=t.parent_run_id, tags=tags), True
-
-
-def delete_runs(uri: str, run_ids: Sequence[str]) -> None:
-    client = mlflow_client(uri)
-    for run_id in run_ids:
-        try:
-            client.delete_run(run_id)
-        except Exception:  # best effort: the submission error is what the user needs to see
-            pass
-
-
-def tag_run(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
-    if run_id:
-        client = mlflow_client(uri)
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
 
 
 # --------------------------------------------------------------------------------------------- waiting
@@ -215,7 +180,7 @@ def submit(
     partition = check_request(cfg)
     check_inputs(cfg)
     name = cfg.tracking.run_name or (Path(config).stem if config else "mtl")
-    run_id, made = open_run(cfg, cfg.tracking.run_name, {"mtl.launcher": "submitit"})
+    run_id, made = open_run(cfg.tracking, cfg.tracking.run_name, {"mtl.launcher": "submitit"}, existing_run_id(cfg))
     cfg = replace(cfg, tracking=replace(cfg.tracking, run_id=run_id))
     try:
         executor = make_executor(cfg, partition, name)

@@ -20,7 +20,6 @@ experiment). Every element is validated before the array is queued.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +27,11 @@ from typing import Any
 import yaml
 
 from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
+from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
-from mtl.launch import prepare
-from mtl.launch.submit import (
-    Printer,
-    Queued,
-    delete_runs,
-    describe,
-    echo,
-    make_executor,
-    mlflow_client,
-    report,
-    tag_run,
-    wait_all,
-)
+from mtl.launch import prepare, slurm_request
+from mtl.launch.submit import Printer, Queued, describe, echo, make_executor, report, slug, wait_all
+from mtl.tracking.runs import client, delete_runs, tag_run
 
 _TOP_KEYS = {"name", "config", "base", "grid", "runs"}
 _FORBIDDEN = ("slurm.", "tracking.")
@@ -114,26 +104,24 @@ def element_name(element: dict[str, Any]) -> str:
     return ",".join(to_overrides(element)) or "base"
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name)[:80]
-
-
 def element_configs(sweep: Sweep, config: str | Path | None, overrides: list[str], flags: dict) -> list[Config]:
     """One validated, path-resolved Config per element; errors name the sweep file and the element."""
     config = config or sweep.config
     common = [*to_overrides(sweep.base), *overrides]
     try:
-        base_cfg = prepare.load_for_submit(config, common, flags)
+        base_cfg = slurm_request.load_for_submit(config, common, flags)
     except ConfigError as exc:
         raise ConfigError(f"{sweep.path}: base: {exc}") from None
     cfgs: list[Config] = []
     for i, el in enumerate(sweep.elements):
         name = element_name(el)
         extra = (
-            [] if "train.output_dir" in el else [f"train.output_dir={base_cfg.train.output_dir}/{i:03d}-{_slug(name)}"]
+            []
+            if "train.output_dir" in el
+            else [f"train.output_dir={base_cfg.train.output_dir}/{i:03d}-{slug(name, 80)}"]
         )
         try:
-            cfgs.append(prepare.load_for_submit(config, [*common, *extra, *to_overrides(el)], flags))
+            cfgs.append(slurm_request.load_for_submit(config, [*common, *extra, *to_overrides(el)], flags))
         except ConfigError as exc:
             raise ConfigError(f"{sweep.path}: element {i} ({name}): {exc}") from None
     outs = [c.train.output_dir for c in cfgs]
@@ -157,13 +145,13 @@ def submit_sweep(
     sweep = read_sweep(sweep_file)
     cfgs = element_configs(sweep, config, overrides, flags)
     first = cfgs[0]
-    partition = prepare.check_request(first)
+    partition = slurm_request.check_request(first)
     for cfg in cfgs:
         prepare.check_inputs(cfg)
     for cfg in cfgs:
         if prepare.existing_run_id(cfg):
             raise MtlError(
-                f"{cfg.train.output_dir} already holds a run (its {prepare.RUN_ID_FILE} file): a sweep starts fresh "
+                f"{cfg.train.output_dir} already holds a run (its {RUN_ID_FILE} file): a sweep starts fresh "
                 "runs; set another train.output_dir in the sweep's base or on the command line"
             )
 
@@ -199,7 +187,7 @@ def submit_sweep(
     array_id = queued[0].job_id.split("_")[0]
     if parent_id:
         tag_run(t.uri, parent_id, {"submit.job_id": array_id})
-        mlflow_client(t.uri).set_terminated(parent_id, "FINISHED")  # it groups the children; their states are the truth
+        client(t.uri).set_terminated(parent_id, "FINISHED")  # it groups the children; their states are the truth
     for q in queued:
         tag_run(t.uri, q.run_id, {"submit.job_id": q.job_id, "submit.stdout": str(q.task0.paths.stdout)})
     out(f"submitted job array {array_id} with {len(queued)} element(s) ({describe(first, partition)})")
@@ -215,6 +203,6 @@ def submit_sweep(
         report(q, o, out)
     failed = sum(not o.ok for o in outcomes)
     if failed and parent_id:
-        mlflow_client(t.uri).set_terminated(parent_id, "FAILED")
+        client(t.uri).set_terminated(parent_id, "FAILED")
     out(f"sweep {sweep.name}: {len(queued) - failed} of {len(queued)} completed")
     return 1 if failed else 0

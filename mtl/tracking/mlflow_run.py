@@ -1,7 +1,8 @@
 """MLflow logging from global rank 0, batched, through MLflow's own client.
 
-The run is found or made once (``open_run``) and then identified by its id everywhere: a resumed or requeued job
-passes the same id back in, so one training run is always one MLflow run.
+The run is made once, by `mtl submit` on the login node (mtl.tracking.runs) or else by the first `train`
+(``create_run``), and then identified by its id everywhere: a resumed or requeued job passes the same id back in,
+so one training run is always one MLflow run.
 """
 
 from __future__ import annotations
@@ -125,10 +126,6 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_dict(self, obj: dict, artifact_file: str) -> None:
-        if self.active:
-            self.client.log_dict(self.run_id, obj, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         if self.active:

@@ -1,0 +1,53 @@
+"""MLflow runs as a launcher handles them before and around a job: found or made, tagged, deleted again.
+
+`mtl submit` makes the run on the login node so that its id can be printed next to the job id and passed to the
+job (``tracking.run_id``); a submission that fails deletes the runs it made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlflow.tracking import MlflowClient
+
+from mtl.config import TrackingConfig
+from mtl.errors import MtlError
+from mtl.tracking.mlflow_run import create_run
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(uri)
+
+
+def open_run(
+    t: TrackingConfig, name: str | None, tags: dict[str, str], output_dir_run: str | None = None
+) -> tuple[str | None, bool]:
+    """(run id, made here?) for a job: tracking.run_id, else ``output_dir_run`` (the run its output directory
+    already belongs to), else a new run. ``t.uri`` must be resolved (absolute)."""
+    if not t.enabled:
+        return None, False
+    run_id = t.run_id or output_dir_run
+    if run_id:
+        try:
+            client(t.uri).get_run(run_id)
+        except Exception as exc:
+            raise MtlError(f"MLflow run {run_id} not found in {t.uri}: {str(exc).splitlines()[0]}") from None
+        return run_id, False
+    return create_run(t, run_name=name, parent_run_id=t.parent_run_id, tags=tags), True
+
+
+def delete_runs(uri: str, run_ids: Sequence[str]) -> None:
+    """Best effort: the error that made them useless is what the user needs to see, not this one."""
+    c = client(uri)
+    for run_id in run_ids:
+        try:
+            c.delete_run(run_id)
+        except Exception:
+            pass
+
+
+def tag_run(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
+    if run_id:
+        c = client(uri)
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
