@@ -47,6 +47,19 @@ def label_meta(labels: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
+def parse_labels(meta: dict, n: int) -> dict[str, np.ndarray]:
+    """The inverse of ``label_meta`` over ``n`` frames; a task the sample lacks reads as no label on any frame.
+    Raises ValueError, KeyError or TypeError on malformed fields (callers name the sample)."""
+    labels: dict[str, np.ndarray] = {}
+    for t in tasks():
+        if t.name in meta:
+            labels[t.name] = np.asarray(meta[t.name], t.batch_dtype).reshape(n, *t.label_shape)
+            labels[t.valid_key] = np.asarray(meta[t.valid_key], bool)
+        else:
+            labels[t.name], labels[t.valid_key] = t.empty(n, t.batch_dtype), np.zeros(n, bool)
+    return labels
+
+
 def encode_sample(index: int, meta: dict, jpegs: list[bytes | None]) -> dict:
     """A TarWriter sample; ``meta`` holds video, frames and labels; ``jpegs`` one entry per frame (None: no image)."""
     sizes = [0 if j is None else len(j) for j in jpegs]
@@ -179,13 +192,7 @@ def parse_sample(raw: dict, where: str) -> Sample:
         n = len(frames)
         sizes = np.asarray(meta["jpeg_sizes"], np.int64)
         has_image = np.asarray(meta["has_image"], bool)
-        labels = {}
-        for t in tasks():
-            if t.name in meta:
-                labels[t.name] = np.asarray(meta[t.name], t.batch_dtype).reshape(n, *t.label_shape)
-                labels[t.valid_key] = np.asarray(meta[t.valid_key], bool)
-            else:
-                labels[t.name], labels[t.valid_key] = t.empty(n, t.batch_dtype), np.zeros(n, bool)
+        labels = parse_labels(meta, n)
         video = str(meta["video"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{where}: sample {raw['__key__']} has bad metadata ({exc})") from None

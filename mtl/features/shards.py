@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.shardio import label_meta, read_raw, sample_key, write_shard
+from mtl.data.shardio import label_meta, parse_labels, read_raw, sample_key, write_shard
 from mtl.errors import DataError
-from mtl.tasks import tasks
 
 FORMAT = "mtl-features/1"  # the manifest's "format"; a pixel pack's is mtl.data.manifest.FORMAT
 FEATURES = "npy"
@@ -74,13 +73,7 @@ def parse_feature_sample(raw: dict, where: str) -> FeatureSample:
         frames = np.asarray(meta["frames"], np.int64)
         n = len(frames)
         has_image = np.asarray(meta["has_image"], bool)
-        labels: dict[str, np.ndarray] = {}
-        for t in tasks():
-            if t.name in meta:
-                labels[t.name] = np.asarray(meta[t.name], t.batch_dtype).reshape(n, *t.label_shape)
-                labels[t.valid_key] = np.asarray(meta[t.valid_key], bool)
-            else:
-                labels[t.name], labels[t.valid_key] = t.empty(n, t.batch_dtype), np.zeros(n, bool)
+        labels = parse_labels(meta, n)
         features = np.load(io.BytesIO(raw[FEATURES]), allow_pickle=False)
         video = str(meta["video"])
     except (ValueError, KeyError, TypeError, OSError) as exc:
