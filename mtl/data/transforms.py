@@ -128,7 +128,3 @@ class ClipTransform:
         """Both halves at once: uint8 [n, 3, h, w] -> normalised float [n, 3, size, size]."""
         x = self.geometry(x, aug)
         return self.finish(x, *self.affine(x, aug))
-
-    def eval(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.geometry(x, None)
-        return self.finish(x, *self.affine(x, None))
