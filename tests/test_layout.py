@@ -143,14 +143,15 @@ def test_load_a_trained_run_from_its_export(tmp_path: Path) -> None:
 def test_submit_checks_the_resume_the_job_would_take(tmp_path: Path) -> None:
     """`mtl submit` resolves train.resume as the engine will, so a bad one fails on the login node."""
     from mtl.launch import prepare
+    from mtl.launch.slurm_request import load_for_submit
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text("{}")
     base = [f"data.shards={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'out'}"]
     saved(tmp_path / "old", 5)
-    prepare.check_inputs(prepare.load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / 'old'}"], {}))
+    prepare.check_inputs(load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / 'old'}"], {}))
     (tmp_path / "empty").mkdir()
     for resume, message in (("nope", "no such checkpoint directory"), ("empty", "no complete checkpoint found there")):
-        cfg = prepare.load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / resume}"], {})
+        cfg = load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / resume}"], {})
         with pytest.raises(MtlError, match=f"train.resume={tmp_path / resume}: {message}"):
             prepare.check_inputs(cfg)
