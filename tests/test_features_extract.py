@@ -114,9 +114,7 @@ def _cache_videos(root: Path) -> dict[str, dict[str, list]]:
     return out
 
 
-def test_cache_holds_the_source_labels_and_the_encoders_features(
-    cache: Path, tiny_shards: Path, weights: Path
-) -> None:
+def test_cache_holds_the_source_labels_and_the_encoders_features(cache: Path, tiny_shards: Path, weights: Path) -> None:
     m = read_feature_manifest(cache)
     src_manifest = read_manifest(tiny_shards)
     assert m["format"] == FORMAT and m["dim"] == KWARGS["embed_dim"] and m["dtype"] == "float16"

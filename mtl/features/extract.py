@@ -490,7 +490,8 @@ def extract(
 
     mine = [s for i, s in enumerate(plan) if i % part.count == part.index]
     todo = [s for s in mine if not (out / s.path).is_file()]
-    total, left = sum(sum(s.sample_frames) for s in mine), sum(sum(s.sample_frames) for s in todo)
+    images = {s.path: sum(g.images for v in s.videos for g in source[s.split][v]) for s in mine}  # frames encoded
+    total, left = sum(images.values()), sum(images[s.path] for s in todo)
     desc = "features" if part.count == 1 else f"features {part.index}/{part.count}"
     bar = tqdm(total=total, initial=total - left, desc=desc, unit="frame", disable=not progress,
                position=part.index if part.group else None)  # fmt: skip
