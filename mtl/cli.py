@@ -11,6 +11,7 @@ from mtl.errors import MtlError
 def build_parser() -> argparse.ArgumentParser:
     from mtl.data import cli as data_cli
     from mtl.engine import cli as engine_cli
+    from mtl.features import cli as features_cli
     from mtl.launch import cli as launch_cli
     from mtl.predict import cli as predict_cli
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_cli.register(sub)  # train, eval, demo
     launch_cli.register(sub)  # submit (and submit --sweep)
     predict_cli.register(sub)  # predict (raw videos and frame folders)
+    features_cli.register(sub)  # features (cache per-frame features: stage one of the two-stage recipe)
     return parser
 
 

@@ -275,3 +275,38 @@ def test_bad_input_fails_on_the_login_node_and_queues_nothing(
     monkeypatch.undo()
     assert job_ids() == before, "a job was queued"
     assert not folder.exists() and not db.exists(), "submitit files or an MLflow run were created"
+
+
+def test_features_job_array_writes_the_same_cache_as_one_process(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """`mtl features --array 2`: two array tasks, each a disjoint set of output shards; the last to finish writes
+    the manifest. The cache equals a one-process extraction byte for byte."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from mtl.features.extract import ExtractSpec, extract
+    from mtl.features.manifest import read_feature_manifest
+
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 16}
+    torch.manual_seed(1)
+    weights = tmp_path / "tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **kwargs).state_dict(),
+              str(weights))  # fmt: skip
+    spec = ExtractSpec(backbone="vit_tiny_patch16_224", weights=str(weights), image_size=32, backbone_kwargs=kwargs,
+                       shard_frames=1)  # fmt: skip
+    reference = tmp_path / "one-process"
+    extract(tiny_shards, reference, spec, progress=False)
+
+    out, folder = tmp_path / "array", tmp_path / "slurm" / "%j"
+    proc = ok(mtl("features", "--shards", str(tiny_shards), "--out", str(out), "--backbone", "vit_tiny_patch16_224",
+                  "--weights", str(weights), "--backbone-kwargs", json.dumps(kwargs), "--image-size", "32",
+                  "--shard-frames", "1", "--array", "2", "--partition", slurm_cluster, "--gpus-per-node", "0",
+                  "--cpus-per-task", "1", "--time", "5", "--folder", str(folder), "--wait", timeout=300))  # fmt: skip
+    assert "submitted job array" in proc.stdout and "2 of 2 task(s) completed; manifest written" in proc.stdout
+    files = {p.relative_to(reference): p.read_bytes() for p in sorted(reference.glob("*/*.tar"))}
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.glob("*/*.tar"))} == files and len(files) == 6
+    assert read_feature_manifest(out) == read_feature_manifest(reference)

@@ -53,7 +53,20 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from mtl.data.verify import stray_files, verify
+    from mtl.features.manifest import manifest_format
+    from mtl.features.shards import FORMAT as FEATURES_FORMAT
 
+    if manifest_format(Path(args.dir)) == FEATURES_FORMAT:  # a feature cache (`mtl features`)
+        from mtl.features.verify import verify_features
+
+        reports = verify_features(Path(args.dir))
+        bad = [r for r in reports if not r.ok]
+        for r in bad:
+            print(f"BAD {r.path}: {'; '.join(r.problems)}", file=sys.stderr)
+        summary = {"shards": len(reports), "bad": [r.path for r in bad], "samples": sum(r.samples for r in reports),
+                   "frames": sum(r.frames for r in reports)}  # fmt: skip
+        print(json.dumps(summary))
+        return 1 if bad else 0
     reports = verify(Path(args.dir), workers=args.workers)
     bad = [r for r in reports if not r.ok]
     for r in bad:
@@ -100,6 +113,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="inspect packed shards")
     shards = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
     v = shards.add_parser("verify", help="read every shard back: counts, sha256, every JPEG decodes")
-    v.add_argument("dir", help="a folder written by `mtl pack`")
+    v.add_argument("dir", help="a folder written by `mtl pack` or `mtl features`")
     v.add_argument("--workers", type=int, default=min(4, cpus))
     v.set_defaults(func=_verify)

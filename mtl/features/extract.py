@@ -1,0 +1,533 @@
+"""`mtl features`: every frame of a pixel pack through a frame encoder, once, into feature shards (stage one of the
+two-stage recipe; the trunk then trains on the cache).
+
+The pixels are read and normalised exactly as the evaluation loader does (``shardio`` readers, ``decode_clip``,
+``ClipTransform``); the encoder is ``FrameEncoder`` over any timm model (``--backbone``) or a trained run's
+fine-tuned one (``--checkpoint``). A source video's segments (spread over shards, shuffled in the train split) are
+joined in frame order, so a feature sample holds a whole video (or an equal part of a very long one).
+
+Work is cut into output shards by a plan that depends only on the source and the settings (recorded in
+``.features-plan.json``); a process takes every k-th shard of it (torchrun ranks, SLURM array tasks). A shard is
+written atomically (``write_shard``), so an interrupted run resumes by skipping every ``*.tar`` it finds. Frames
+are encoded in batches fixed by the shard's content, so the same input gives byte-identical shards whatever the
+number of processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import sys
+import tarfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mtl.config import ConfigError
+from mtl.data.manifest import MANIFEST, file_sha256, read_manifest
+from mtl.data.shardio import ShardReader, parse_sample
+from mtl.data.transforms import ClipTransform, decode_clip
+from mtl.errors import DataError, MtlError
+from mtl.features.manifest import DTYPES, write_feature_manifest
+from mtl.features.shards import FORMAT, FeatureSample, write_feature_shard
+
+PLAN_FILE = ".features-plan.json"
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """What to extract with. Either ``backbone`` (+ ``weights``, ``pool``, ``image_size``, ``backbone_kwargs``) or
+    ``checkpoint`` (a trained run: its backbone, pool, image size and normalisation)."""
+
+    backbone: str | None = None
+    weights: str | None = None
+    checkpoint: str | None = None
+    pool: str = "avg"
+    image_size: int = 112
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    hflip_tta: bool = False
+    dtype: str = "float16"
+    max_frames: int = 4096  # frames per feature sample at most (a longer video: equal consecutive parts)
+    shard_frames: int = 32768  # a shard closes once it holds this many frames (videos are never split over shards)
+    batch_size: int = 256  # frames per encoder call
+    device: str | None = None  # default: cuda:LOCAL_RANK where there is a GPU, else the CPU
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+@dataclass
+class Encoder:
+    module: Any  # FrameEncoder, in eval mode, on its device
+    device: torch.device
+    info: dict[str, Any]  # the manifest's "extractor" section
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Tensors by name, dtype, shape and bytes: the weights' identity where no one file holds them."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _device(spec: ExtractSpec) -> torch.device:
+    if spec.device:
+        return torch.device(spec.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_spec(spec: ExtractSpec) -> None:
+    """The settings alone (no file opened but the weights' existence): ConfigError naming the option."""
+    if (spec.backbone is None) == (spec.checkpoint is None):
+        raise ConfigError("give exactly one of --backbone NAME and --checkpoint RUN")
+    if spec.checkpoint is not None and (spec.weights or spec.backbone_kwargs):
+        raise ConfigError("--checkpoint RUN brings its own backbone and weights: drop --weights/--backbone-kwargs")
+    if spec.pool not in ("avg", "cls", "flatten"):
+        raise ConfigError(f"--pool: expected avg, cls or flatten, got {spec.pool!r}")
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"--dtype: expected one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    for name in ("image_size", "max_frames", "shard_frames", "batch_size"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(spec, name)!r}")
+    if spec.weights is not None and not Path(spec.weights).is_file():
+        raise MtlError(f"{spec.weights}: weights file not found (--weights)")
+    if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+        raise MtlError(f"{spec.checkpoint}: no such run directory, checkpoint or .safetensors file (--checkpoint)")
+
+
+def load_encoder(spec: ExtractSpec) -> Encoder:
+    """The frame encoder the spec names, with the normalisation its frames need and what the manifest records."""
+    from mtl.config import from_dict
+    from mtl.engine.model_io import input_norm
+    from mtl.model.backbone import FrameEncoder, create_backbone
+
+    check_spec(spec)
+    device = _device(spec)
+    if spec.checkpoint is not None:
+        from mtl.engine.layout import resolve_trained
+        from mtl.engine.trained import load_model
+
+        path = Path(spec.checkpoint)
+        trained = load_model(path)
+        module, cfg = trained.model.encoder, trained.cfg
+        mean, std = trained.norm
+        source = resolve_trained(path)
+        digest = file_sha256(source) if isinstance(source, Path) else state_dict_sha256(module.state_dict())
+        info = {"backbone": cfg.model.backbone, "weights_sha256": digest, "checkpoint": str(path.resolve()),
+                "pool": module.pool, "image_size": cfg.data.image_size,
+                "backbone_kwargs": dict(cfg.model.backbone_kwargs)}  # fmt: skip
+    else:
+        cfg = from_dict({"model": {"backbone": spec.backbone, "backbone_kwargs": spec.backbone_kwargs,
+                                   "pretrained_file": spec.weights, "pool": spec.pool},
+                         "data": {"image_size": spec.image_size}})  # fmt: skip
+        torch.manual_seed(0)  # without --weights: the same random weights in every process (a test's cache)
+        module = FrameEncoder(create_backbone(cfg.model, spec.image_size), spec.pool)
+        mean, std = input_norm(cfg.data, module)
+        digest = file_sha256(spec.weights) if spec.weights else state_dict_sha256(module.state_dict())
+        info = {"backbone": spec.backbone, "weights_sha256": digest, "checkpoint": None, "pool": spec.pool,
+                "image_size": spec.image_size, "backbone_kwargs": dict(spec.backbone_kwargs)}  # fmt: skip
+    info.update(mean=[float(x) for x in mean], std=[float(x) for x in std], hflip_tta=bool(spec.hflip_tta))
+    module = module.to(device).eval()
+    return Encoder(module, device, info)
+
+
+class _Batcher:
+    """Frames of a shard, queued as uint8 at the target size, encoded ``batch_size`` at a time in queue order;
+    each result row lands in its sample's feature array."""
+
+    def __init__(self, encoder: Encoder, size: int, batch_size: int, hflip: bool, dtype: str, bar: tqdm) -> None:
+        info = encoder.info
+        self.enc, self.bs, self.hflip, self.dtype, self.bar = encoder, batch_size, hflip, np.dtype(dtype), bar
+        self.tf = ClipTransform(size, tuple(info["mean"]), tuple(info["std"]))
+        self.queue: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []  # (pixels, destination, its rows)
+        self.queued = 0
+
+    def add(self, pixels: torch.Tensor, dst: np.ndarray, rows: np.ndarray) -> None:
+        self.queue.append((self.tf.geometry(pixels, None), dst, rows))
+        self.queued += len(rows)
+        while self.queued >= self.bs:
+            self._run(self.bs)
+
+    def flush(self) -> None:
+        if self.queued:
+            self._run(self.queued)
+
+    @torch.inference_mode()
+    def _run(self, n: int) -> None:
+        parts, dests, taken = [], [], 0
+        while taken < n:
+            pixels, dst, rows = self.queue[0]
+            k = min(len(rows), n - taken)
+            parts.append(pixels[:k])
+            dests.append((dst, rows[:k]))
+            if k == len(rows):
+                self.queue.pop(0)
+            else:
+                self.queue[0] = (pixels[k:], dst, rows[k:])
+            taken += k
+        self.queued -= n
+        pixels = torch.cat(parts).to(self.enc.device)
+        gain, bias = self.tf.affine(pixels, None)
+        x = ClipTransform.finish(pixels, gain.to(pixels.device), bias.to(pixels.device))
+        feats = self.enc.module(x).float()
+        if self.hflip:
+            feats = (feats + self.enc.module(x.flip(-1)).float()) / 2
+        out = feats.cpu().numpy().astype(self.dtype)
+        pos = 0
+        for dst, rows in dests:
+            dst[rows] = out[pos : pos + len(rows)]
+            pos += len(rows)
+        self.bar.update(n)
+
+
+# ------------------------------------------------------------------------------------------------ source
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One source sample: where it is, and which frames of its video it holds."""
+
+    shard: str  # path relative to the source root
+    index: int
+    first: int  # its first frame number (1-based)
+    frames: int
+    images: int
+
+
+def _scan_shard(root: Path, rel: str) -> list[tuple[str, Segment]]:
+    """(video, segment) of every sample of a source shard, reading only the .json members (seeking over the JPEGs)."""
+    path = root / rel
+    out = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                name = info.name.split("/")[-1]
+                if not (info.isreg() and name.endswith(".json")):
+                    continue
+                key = name.split(".", 1)[0]
+                meta = json.loads(tf.extractfile(info).read())
+                frames = meta["frames"]
+                seg = Segment(rel, int(key), int(frames[0]), len(frames), int(sum(meta["has_image"])))
+                out.append((str(meta["video"]), seg))
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DataError(f"{path}: unreadable source shard ({exc}); run `mtl shards verify {root}`") from None
+    return out
+
+
+def scan_source(root: Path, manifest: dict) -> dict[str, dict[str, list[Segment]]]:
+    """split -> video (name order) -> its segments in frame order; DataError if a video's frames do not join up."""
+    out: dict[str, dict[str, list[Segment]]] = {}
+    for split, entry in manifest["splits"].items():
+        videos: dict[str, list[Segment]] = defaultdict(list)
+        for sh in entry["shards"]:
+            for video, seg in _scan_shard(root, sh["path"]):
+                videos[video].append(seg)
+        for video, segs in videos.items():
+            segs.sort(key=lambda s: s.first)
+            expect = 1
+            for s in segs:
+                if s.first != expect:
+                    raise DataError(f"{root / s.shard}: sample {s.index:06d} of video {video} starts at frame "
+                                    f"{s.first}, expected {expect} (segments missing or repeated)")  # fmt: skip
+                expect += s.frames
+            want = entry.get("video_frames", {}).get(video)
+            if want is not None and want != expect - 1:
+                raise DataError(f"{root / MANIFEST}: splits.{split}.video_frames.{video} is {want}, its samples "
+                                f"hold {expect - 1} frames")  # fmt: skip
+        out[split] = {v: videos[v] for v in sorted(videos)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class OutShard:
+    split: str
+    path: str  # relative to the output root
+    videos: list[str]
+    sample_frames: list[int]  # per output sample
+
+
+def parts(n: int, max_frames: int) -> list[tuple[int, int]]:
+    """[a, b) 0-based frame ranges: one, or ceil(n / max_frames) equal consecutive parts (none longer than max)."""
+    k = max(1, math.ceil(n / max_frames))
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def plan_shards(source: dict[str, dict[str, list[Segment]]], max_frames: int, shard_frames: int) -> list[OutShard]:
+    """Videos in name order, split by split, cut into shards of about ``shard_frames`` frames."""
+    plan: list[OutShard] = []
+    for split, videos in source.items():
+        k, cur = 0, None
+        for video, segs in videos.items():
+            if cur is None:
+                cur = OutShard(split, f"{split}/{k:06d}.tar", [], [])
+            n = sum(s.frames for s in segs)
+            cur.videos.append(video)
+            cur.sample_frames += [b - a for a, b in parts(n, max_frames)]
+            if sum(cur.sample_frames) >= shard_frames:
+                plan.append(cur)
+                k, cur = k + 1, None
+        if cur is not None:
+            plan.append(cur)
+    return plan
+
+
+def _fingerprint(source_sha: str, info: dict, spec: ExtractSpec, plan: list[OutShard]) -> str:
+    what = {"source": source_sha, "extractor": info, "dtype": spec.dtype, "max_frames": spec.max_frames,
+            "batch_size": spec.batch_size, "plan": [asdict(s) for s in plan], "format": FORMAT}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def clear_output(out: Path) -> None:
+    """What --overwrite removes: the manifest, the plan and the feature shards (nothing else in ``out``)."""
+    for name in (MANIFEST, PLAN_FILE):
+        (out / name).unlink(missing_ok=True)
+    if out.is_dir():
+        for d in out.iterdir():
+            if d.is_dir():
+                for f in list(d.glob("*.tar")) + list(d.glob("*.tar.tmp")):
+                    f.unlink()
+
+
+def prepare_output(out: Path, fingerprint: str, plan: list[OutShard], overwrite: bool) -> None:
+    """Record the plan; refuse to mix two different extractions in one folder (unless ``overwrite``)."""
+    plan_path = out / PLAN_FILE
+    old = None
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = "unreadable"
+    elif (out / MANIFEST).exists() or any(out.glob("*/*.tar")):
+        old = "unknown"
+    if old is not None and old != fingerprint:
+        if not overwrite:
+            raise DataError(f"{out}: holds features of other input or settings; pass --overwrite to replace them, "
+                            f"or choose another --out")  # fmt: skip
+        clear_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in {s.split for s in plan}:
+        (out / split).mkdir(exist_ok=True)
+    _write_json(plan_path, {"format": FORMAT, "fingerprint": fingerprint,
+                            "shards": [{"path": s.path, "videos": s.videos} for s in plan]})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ one shard
+
+
+def _join(samples: list, video: str) -> dict[str, np.ndarray]:
+    """The per-frame arrays of a video's source samples, concatenated in frame order."""
+    out = {k: np.concatenate([getattr(s, k) for s in samples]) for k in ("frames", "has_image")}
+    for key in samples[0].labels:
+        out[key] = np.concatenate([s.labels[key] for s in samples])
+    if not np.array_equal(out["frames"], np.arange(1, len(out["frames"]) + 1)):
+        raise DataError(f"video {video}: its samples' frame numbers do not run 1..{len(out['frames'])}")
+    return out
+
+
+def extract_shard(job: OutShard, root: Path, segments: dict[str, list[Segment]], batcher: _Batcher, dim: int,
+                  max_frames: int, readers: dict[str, ShardReader]) -> list[FeatureSample]:  # fmt: skip
+    """The feature samples of one output shard (videos in order, each in its parts)."""
+    pending = []
+    for video in job.videos:
+        srcs, offset = [], 0
+        feats = np.zeros((sum(s.frames for s in segments[video]), dim), batcher.dtype)
+        for seg in segments[video]:
+            reader = readers.setdefault(seg.shard, ShardReader())
+            where = str(root / seg.shard)
+            s = parse_sample(reader.get(root / seg.shard, seg.index), where)
+            if s.video != video or int(s.frames[0]) != seg.first:
+                raise DataError(f"{where}: sample {seg.index:06d} changed while extracting (video {s.video})")
+            idx = np.flatnonzero(s.has_image)
+            for c in range(0, len(idx), batcher.bs):
+                chunk = idx[c : c + batcher.bs]
+                try:
+                    pixels = decode_clip(s.blob, s.offsets, chunk)
+                except ValueError as exc:
+                    raise DataError(f"{where}: sample {seg.index:06d} (video {video}): {exc}; "
+                                    f"run `mtl shards verify`") from None  # fmt: skip
+                batcher.add(pixels, feats, chunk + offset)
+            srcs.append(s)
+            offset += len(s)
+        pending.append((video, _join(srcs, video), feats))
+    batcher.flush()  # every row of this shard's arrays is written before they are packed
+    samples = []
+    for video, arrays, feats in pending:
+        for a, b in parts(len(feats), max_frames):
+            labels = {k: v[a:b] for k, v in arrays.items() if k not in ("frames", "has_image")}
+            samples.append(FeatureSample(video, arrays["frames"][a:b], arrays["has_image"][a:b], feats[a:b], labels))
+    if [len(s) for s in samples] != job.sample_frames:
+        raise DataError(f"{root}: the source no longer matches the plan of {job.path} (rerun with --overwrite)")
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class Part:
+    """This process's share: output shards index, index + count, ...; ``group`` when the parts are torchrun ranks
+    (a process group: rank 0 writes the manifest after all); else the last part to finish writes it."""
+
+    index: int = 0
+    count: int = 1
+    group: bool = False
+
+
+def _part_from_env() -> Part:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Part()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(days=7))  # a rank may wait for the others for hours
+    return Part(dist.get_rank(), dist.get_world_size(), True)
+
+
+def _barrier(part: Part) -> None:
+    if part.group:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shard_records(out: Path, plan: list[OutShard]) -> dict[str, dict] | None:
+    """bytes/sha256 of every planned shard, or None while any is missing."""
+    if not all((out / s.path).is_file() for s in plan):
+        return None
+    return {s.path: {"bytes": (out / s.path).stat().st_size, "sha256": file_sha256(out / s.path)} for s in plan}
+
+
+def build_manifest(shards: Path, source_sha: str, info: dict, spec: ExtractSpec, dim: int,
+                   source: dict[str, dict[str, list[Segment]]], plan: list[OutShard],
+                   records: dict[str, dict]) -> dict:  # fmt: skip
+    splits = {}
+    for split, videos in source.items():
+        segs = [s for v in videos.values() for s in v]
+        splits[split] = {
+            "videos": len(videos),
+            "frames": sum(s.frames for s in segs),
+            "frames_with_image": sum(s.images for s in segs),
+            "shards": [
+                {
+                    "path": s.path,
+                    **records[s.path],
+                    "samples": len(s.sample_frames),
+                    "frames": sum(s.sample_frames),
+                    "sample_frames": s.sample_frames,
+                }
+                for s in plan
+                if s.split == split
+            ],  # fmt: skip
+        }
+    return {
+        "format": FORMAT,
+        "source": {"shards": str(shards.resolve()), "manifest_sha256": source_sha},
+        "extractor": info,
+        "dim": dim,
+        "dtype": spec.dtype,
+        "params": {"max_frames": spec.max_frames, "shard_frames": spec.shard_frames, "batch_size": spec.batch_size},
+        "splits": splits,
+    }
+
+
+def extract(
+    shards: Path,
+    out: Path,
+    spec: ExtractSpec,
+    *,
+    part: Part | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict | None:
+    """Extract the features of every split of the pack ``shards`` into ``out``; returns the manifest written to
+    ``out/manifest.json``.
+
+    ``part``: this process's share (default: from torchrun's RANK/WORLD_SIZE, else everything). Under torchrun
+    every rank returns the manifest; a SLURM array task (``Part(i, k)``) returns it only if it was the last to
+    finish (it wrote it), else None. Rerun with the same arguments after an interruption: finished shards are
+    kept untouched.
+    """
+    shards, out = Path(shards), Path(out)
+    check_spec(spec)
+    manifest = read_manifest(shards)
+    source_sha = file_sha256(shards / MANIFEST)
+    part = part or _part_from_env()
+    encoder = load_encoder(spec)
+    source = scan_source(shards, manifest)
+    plan = plan_shards(source, spec.max_frames, spec.shard_frames)
+    dim = int(encoder.module.num_features)
+    fingerprint = _fingerprint(source_sha, encoder.info, spec, plan)
+    if part.group and part.index != 0:
+        _barrier(part)  # rank 0 prepares (and with --overwrite clears) the folder first
+        prepare_output(out, fingerprint, plan, overwrite=False)
+    else:
+        prepare_output(out, fingerprint, plan, overwrite)
+        _barrier(part)
+
+    mine = [s for i, s in enumerate(plan) if i % part.count == part.index]
+    todo = [s for s in mine if not (out / s.path).is_file()]
+    images = {s.path: sum(g.images for v in s.videos for g in source[s.split][v]) for s in mine}  # frames encoded
+    total, left = sum(images.values()), sum(images[s.path] for s in todo)
+    desc = "features" if part.count == 1 else f"features {part.index}/{part.count}"
+    bar = tqdm(total=total, initial=total - left, desc=desc, unit="frame", disable=not progress,
+               position=part.index if part.group else None)  # fmt: skip
+    readers: dict[str, ShardReader] = {}
+    batcher = _Batcher(encoder, encoder.info["image_size"], spec.batch_size, spec.hflip_tta, spec.dtype, bar)
+    try:
+        for job in todo:
+            samples = extract_shard(job, shards, source[job.split], batcher, dim, spec.max_frames, readers)
+            path = out / job.path
+            try:
+                write_feature_shard(path, samples)
+            except OSError as exc:
+                why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+                raise DataError(f"{path}: cannot write ({why}); the {len(mine) - len(todo) + todo.index(job)} "
+                                f"shards finished before it are kept, rerun to resume") from None  # fmt: skip
+    finally:
+        bar.close()
+        for r in readers.values():
+            r.close()
+
+    _barrier(part)
+    result = None
+    if not part.group or part.index == 0:
+        records = _shard_records(out, plan)
+        if records is not None:  # always so for one process and rank 0; for array tasks, only the last one
+            result = build_manifest(shards, source_sha, encoder.info, spec, dim, source, plan, records)
+            try:
+                write_feature_manifest(out, result)
+            except OSError as exc:
+                raise DataError(f"{out / MANIFEST}: cannot write ({exc.strerror or exc})") from None
+    _barrier(part)
+    if part.group and part.index != 0:
+        from mtl.features.manifest import read_feature_manifest
+
+        result = read_feature_manifest(out)
+    if result is None and progress:
+        print(f"part {part.index} of {part.count} done; the last part to finish writes {out / MANIFEST}",
+              file=sys.stderr)  # fmt: skip
+    return result
