@@ -54,54 +54,55 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     return path
 
 
-def _need(cond: bool, path: Path, key: str, what: str) -> None:
+def need(cond: bool, path: Path, key: str, what: str) -> None:
+    """A manifest check: DataError naming the file and the key when ``cond`` fails."""
     if not cond:
         raise DataError(f"{path}: {key}: {what}")
 
 
-def _is_count(x: Any) -> bool:
+def is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _check_split(path: Path, name: str, s: Any) -> None:
     key = f"splits.{name}"
-    _need(isinstance(s, dict), path, key, "expected a mapping")
+    need(isinstance(s, dict), path, key, "expected a mapping")
     for k in ("videos", "frames", "samples"):
-        _need(_is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
+        need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
     shards = s.get("shards")
-    _need(isinstance(shards, list), path, f"{key}.shards", "expected a list")
+    need(isinstance(shards, list), path, f"{key}.shards", "expected a list")
     for i, sh in enumerate(shards):
         sk = f"{key}.shards[{i}]"
-        _need(isinstance(sh, dict), path, sk, "expected a mapping")
-        _need(isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
-        _need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "expected a hash")
+        need(isinstance(sh, dict), path, sk, "expected a mapping")
+        need(isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
+        need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "expected a hash")
         for k in ("samples", "frames"):
-            _need(_is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
+            need(is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
         sf = sh.get("sample_frames")
-        _need(
-            isinstance(sf, list) and len(sf) == sh["samples"] and all(_is_count(x) and x > 0 for x in sf),
+        need(
+            isinstance(sf, list) and len(sf) == sh["samples"] and all(is_count(x) and x > 0 for x in sf),
             path,
             f"{sk}.sample_frames",
             "expected one positive frame count per sample",
         )
-        _need(sum(sf) == sh["frames"], path, f"{sk}.frames", "does not match the sum of sample_frames")
-    _need(sum(sh["samples"] for sh in shards) == s["samples"], path, f"{key}.samples", "disagrees with the shards")
-    _need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
+        need(sum(sf) == sh["frames"], path, f"{sk}.frames", "does not match the sum of sample_frames")
+    need(sum(sh["samples"] for sh in shards) == s["samples"], path, f"{key}.samples", "disagrees with the shards")
+    need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
     tasks = s.get("tasks")
-    _need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
+    need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
     # Every task packed is checked if it is registered here; a task registered after the pack is simply absent.
-    _need(any(t in tasks for t in task_names()), path, f"{key}.tasks", f"none of the tasks {', '.join(task_names())}")
+    need(any(t in tasks for t in task_names()), path, f"{key}.tasks", f"none of the tasks {', '.join(task_names())}")
     for name in task_names():
         if name not in tasks:
             continue
         t, tk = tasks[name], f"{key}.tasks.{name}"
-        _need(isinstance(t, dict), path, tk, "expected a mapping")
+        need(isinstance(t, dict), path, tk, "expected a mapping")
         for k in ("labeled_frames", "labeled_missing_image"):
-            _need(_is_count(t.get(k)), path, f"{tk}.{k}", "expected a non-negative integer")
+            need(is_count(t.get(k)), path, f"{tk}.{k}", "expected a non-negative integer")
         for k, n in get_task(name).count_fields().items():
             v = t.get(k)
-            _need(
-                isinstance(v, list) and len(v) == n and all(_is_count(x) for x in v),
+            need(
+                isinstance(v, list) and len(v) == n and all(is_count(x) for x in v),
                 path,
                 f"{tk}.{k}",
                 f"expected {n} non-negative integers",
@@ -119,11 +120,11 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not readable JSON ({exc})") from None
-    _need(isinstance(manifest, dict), path, "top level", "expected a mapping")
-    _need(manifest.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {manifest.get('format')!r}")
-    _need(isinstance(manifest.get("params"), dict), path, "params", "expected a mapping")
+    need(isinstance(manifest, dict), path, "top level", "expected a mapping")
+    need(manifest.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {manifest.get('format')!r}")
+    need(isinstance(manifest.get("params"), dict), path, "params", "expected a mapping")
     splits = manifest.get("splits")
-    _need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
+    need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
     for name, s in splits.items():
         _check_split(path, name, s)
     return manifest

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mtl.data.manifest import MANIFEST
+from mtl.data.manifest import MANIFEST, is_count, need
 from mtl.errors import DataError
 from mtl.features.shards import FORMAT
 
@@ -52,15 +52,6 @@ def write_feature_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def _need(cond: bool, path: Path, key: str, what: str) -> None:
-    if not cond:
-        raise DataError(f"{path}: {key}: {what}")
-
-
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
 def read_feature_manifest(root: str | Path) -> dict[str, Any]:
     """The validated manifest of a feature cache; DataError naming the file and the key when missing or bad."""
     root = Path(root)
@@ -71,30 +62,30 @@ def read_feature_manifest(root: str | Path) -> dict[str, Any]:
         m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not readable JSON ({exc})") from None
-    _need(isinstance(m, dict), path, "top level", "expected a mapping")
-    _need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
+    need(isinstance(m, dict), path, "top level", "expected a mapping")
+    need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
     src = m.get("source")
-    _need(isinstance(src, dict) and isinstance(src.get("shards"), str), path, "source.shards", "expected a path")
+    need(isinstance(src, dict) and isinstance(src.get("shards"), str), path, "source.shards", "expected a path")
     ex = m.get("extractor")
-    _need(isinstance(ex, dict), path, "extractor", "expected a mapping")
+    need(isinstance(ex, dict), path, "extractor", "expected a mapping")
     for k in ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta"):
-        _need(k in ex, path, f"extractor.{k}", "missing")
-    _need(_count(m.get("dim")) and m["dim"] > 0, path, "dim", "expected a positive integer")
-    _need(m.get("dtype") in DTYPES, path, "dtype", f"expected one of {DTYPES}")
+        need(k in ex, path, f"extractor.{k}", "missing")
+    need(is_count(m.get("dim")) and m["dim"] > 0, path, "dim", "expected a positive integer")
+    need(m.get("dtype") in DTYPES, path, "dtype", f"expected one of {DTYPES}")
     splits = m.get("splits")
-    _need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
+    need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
     for name, s in splits.items():
         key = f"splits.{name}"
-        _need(isinstance(s, dict), path, key, "expected a mapping")
+        need(isinstance(s, dict), path, key, "expected a mapping")
         for k in ("videos", "frames", "frames_with_image"):
-            _need(_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
-        _need(isinstance(s.get("shards"), list), path, f"{key}.shards", "expected a list")
+            need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
+        need(isinstance(s.get("shards"), list), path, f"{key}.shards", "expected a list")
         for i, sh in enumerate(s["shards"]):
             sk = f"{key}.shards[{i}]"
-            _need(isinstance(sh, dict) and isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
-            _need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "bad hash")
+            need(isinstance(sh, dict) and isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
+            need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "bad hash")
             for k in ("bytes", "samples"):
-                _need(_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
+                need(is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
     return m
 
 
