@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from mtl.errors import MtlError
+from mtl.naming import run_name
 from mtl.tasks import load_plugins, task_names, tasks
 
 
@@ -169,7 +170,7 @@ class TrainConfig(_Section):
 class TrackingConfig(_Section):
     uri: Str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: Str = "mtl"
-    run_name: Str | None = None
+    run_name: Str | None = None  # None: `load_config` names the run after the config file and its overrides
     run_id: Str | None = None  # continue this existing run (set by `mtl submit`, which creates it up front)
     parent_run_id: Str | None = None  # create the run as a child of this one (sweeps)
     enabled: Bool = True
@@ -363,7 +364,9 @@ def _source(name: str) -> Iterator[None]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The only way a Config is made from the outside world; an error names its source: the file or the command line."""
+    """The only way a Config is made from the outside world; an error names its source: the file or the command line.
+
+    An unset tracking.run_name becomes the file's stem and the overrides (``smoke train.max_steps=4``)."""
     data: dict[str, Any] = {}
     file_cfg = None
     if path is not None:
@@ -381,6 +384,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             source = f"{path} with the command-line overrides" if cli else str(path)
     with _source(source):
         _cross_checks(cfg)
+    if cfg.tracking.run_name is None:  # named after where it came from (mtl.naming), not by MLflow at random
+        cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=run_name(path, overrides or [])))
     return cfg
 
 

@@ -237,6 +237,21 @@ def resolve_trained(path: Path) -> Path | Checkpoint:
     return found
 
 
+def trained_run_id(source: Path | Checkpoint, config: dict[str, Any]) -> str | None:
+    """The MLflow run that trained the weights at ``source`` (as ``resolve_trained`` gives it): the checkpoint's
+    state, else the run its config names (exports carry it), else the run-id file of the run dir it sits in."""
+    if isinstance(source, Checkpoint):
+        found = source.state().get("run_id")
+        run_root = source.root.parent if source.root.name == CHECKPOINTS else None
+    else:
+        found = None
+        run_root = source.parent.parent if source.parent.name == EXPORT else None
+    found = found or (config.get("tracking") or {}).get("run_id")
+    if not found and run_root is not None:
+        found = RunDir(run_root).recorded_run_id("auto")
+    return found
+
+
 def eval_dir(path: Path, split: str) -> Path:
     """Where `mtl eval` writes by default: beside what it evaluated (in a directory, or next to a file)."""
     path = Path(path)

@@ -1,4 +1,8 @@
-"""`mtl eval`: score a trained model on one process, from its exported weights or a DeepSpeed checkpoint."""
+"""`mtl eval`: score a trained model on one process, from its exported weights or a DeepSpeed checkpoint.
+
+What it writes (predictions, submission files, thresholds, metrics) is also logged to the MLflow run that trained
+the weights, under ``eval/<split>/<best|last|checkpoint tag>/``, when that run is reachable.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 
 from mtl.data.loader import make_eval_loader
 from mtl.engine.evaluate import TUNED_SUBMISSION, evaluate, write_predictions, write_submission
-from mtl.engine.layout import eval_dir
+from mtl.engine.layout import Checkpoint, eval_dir, resolve_trained
 from mtl.engine.model_io import forward
 from mtl.engine.trained import load_model
 
@@ -35,4 +39,15 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
     (out_dir / THRESHOLDS_FILE).write_text(json.dumps({k: v.tolist() for k, v in thresholds.items()}, indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
     print(f"predictions, metrics and ABAW submission files written to {out_dir}")
+    from mtl.tracking.runs import attach  # here: `mtl predict` imports this module and needs no MLflow
+
+    written = ["predictions.csv", "submission", TUNED_SUBMISSION, THRESHOLDS_FILE, "metrics.json"]
+    where = f"eval/{split}/{_label(checkpoint)}"
+    print(attach(trained.cfg.tracking, [out_dir / n for n in written], where), flush=True)
     return scores
+
+
+def _label(checkpoint: Path) -> str:
+    """What was evaluated, as MLflow artifact folders name it: ``best`` / ``last`` (exports) or a checkpoint tag."""
+    source = resolve_trained(checkpoint)
+    return source.tag if isinstance(source, Checkpoint) else source.stem

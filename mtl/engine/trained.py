@@ -15,20 +15,25 @@ import torch
 
 from mtl.config import Config, deep_merge, from_dict, parse_overrides
 from mtl.engine.export import consolidate, load_weights
-from mtl.engine.layout import Checkpoint, resolve_trained
+from mtl.engine.layout import Checkpoint, resolve_trained, trained_run_id
 from mtl.engine.model_io import Norm, input_norm
 from mtl.errors import MtlError
 from mtl.model import MultiTaskNet, build_model
 
 
 def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full fp32 weights and the resolved config (as a dict) that trained them."""
+    """Full fp32 weights and the resolved config (as a dict) that trained them, tracking.run_id the MLflow run
+    that did where one is recorded."""
     source = resolve_trained(path)
     if isinstance(source, Checkpoint):
-        return consolidate(source.root, source.tag), source.state()["config"]
-    weights, config = load_weights(source)
-    if config is None:
-        raise MtlError(f"{source}: no mtl config in its metadata; was it written by `mtl train`?")
+        weights, config = consolidate(source.root, source.tag), source.state()["config"]
+    else:
+        weights, config = load_weights(source)
+        if config is None:
+            raise MtlError(f"{source}: no mtl config in its metadata; was it written by `mtl train`?")
+    run_id = trained_run_id(source, config)
+    if run_id:
+        config = deep_merge(config, {"tracking": {"run_id": run_id}})
     return weights, config
 
 

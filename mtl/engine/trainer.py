@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtl.config import Config, dump_yaml, flatten, to_dict
+from mtl.config import Config, dump_yaml, flatten, replace, to_dict
 from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
@@ -36,6 +36,7 @@ from mtl.engine.step import build_engine
 from mtl.errors import MtlError
 from mtl.model import build_model
 from mtl.objectives import MultiTaskLoss
+from mtl.tracking.inputs import shard_datasets
 from mtl.tracking.mlflow_run import Tracker
 from mtl.tracking.report import log_evaluation
 
@@ -169,6 +170,7 @@ class Trainer:
             tracker.log_artifact(self.out / "config.yaml")
             tracker.log_artifact(self.out / "ds_config.json")
             tracker.log_artifact(Path(self.cfg.data.shards) / "manifest.json")
+            tracker.log_datasets(shard_datasets(self.cfg.data, self.manifest))
         return tracker
 
     # ------------------------------------------------------------------------------------------ the parts
@@ -279,9 +281,11 @@ class Trainer:
         if self.env.is_main:
             last = tag_for(self.state.step)
             tags = {"last": last, "best": self.state.best_tag or last}
+            # The run that made them travels with the weights (`mtl eval` logs its outputs there).
+            tracking = replace(self.cfg.tracking, run_id=self.tracker.run_id, uri=self.tracker.uri)
             for name in EXPORTS:
                 weights = consolidate(self.run_dir.checkpoints, tags[name])
-                save_weights(weights, self.run_dir.export_file(name), to_dict(self.cfg))
+                save_weights(weights, self.run_dir.export_file(name), to_dict(replace(self.cfg, tracking=tracking)))
         barrier()
 
     # ------------------------------------------------------------------------------------------ loop

@@ -179,8 +179,8 @@ def submit(
     cfg = load_for_submit(config, overrides, flags)
     partition = check_request(cfg)
     check_inputs(cfg)
-    name = cfg.tracking.run_name or (Path(config).stem if config else "mtl")
-    run_id, made = open_run(cfg.tracking, cfg.tracking.run_name, {"mtl.launcher": "submitit"}, existing_run_id(cfg))
+    name = cfg.tracking.run_name or "mtl"  # load_config named it after the config file and overrides (mtl.naming)
+    run_id, made = open_run(cfg.tracking, name, {"mtl.launcher": "submitit"}, existing_run_id(cfg))
     cfg = replace(cfg, tracking=replace(cfg.tracking, run_id=run_id))
     try:
         executor = make_executor(cfg, partition, name)

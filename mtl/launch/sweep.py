@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
 from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
 from mtl.launch import prepare, slurm_request
 from mtl.launch.submit import Printer, Queued, describe, echo, make_executor, report, slug, wait_all
+from mtl.naming import overrides_name, to_overrides
 from mtl.tracking.runs import client, delete_runs, tag_run
 
 _TOP_KEYS = {"name", "config", "base", "grid", "runs"}
@@ -91,17 +90,10 @@ def read_sweep(path: str | Path) -> Sweep:
     return Sweep(path, str(name), config, base, elements)
 
 
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-
-def to_overrides(mapping: dict[str, Any]) -> list[str]:
-    return [f"{k}={_yaml_value(v)}" for k, v in mapping.items()]
-
-
 def element_name(element: dict[str, Any]) -> str:
-    """The element's own overrides, ``key=value,key=value``: its MLflow run name."""
-    return ",".join(to_overrides(element)) or "base"
+    """The element's own overrides, ``key=value,key=value`` (mtl.naming, as every run is named): its MLflow run
+    name."""
+    return overrides_name(to_overrides(element)) or "base"
 
 
 def element_configs(sweep: Sweep, config: str | Path | None, overrides: list[str], flags: dict) -> list[Config]:
@@ -171,7 +163,7 @@ def submit_sweep(
             if t.enabled:
                 run_id = create_run(t, run_name=name, parent_run_id=parent_id, tags={"mtl.sweep.overrides": name})
                 made.append(run_id)
-            payloads.append(to_dict(replace(cfg, tracking=replace(cfg.tracking, run_id=run_id))))
+            payloads.append(to_dict(replace(cfg, tracking=replace(cfg.tracking, run_id=run_id, run_name=name))))
         executor = make_executor(first, partition, sweep.name)
         with executor.batch():
             jobs = [executor.submit(TrainTask(), p) for p in payloads]

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+import numpy as np
+from mlflow.data.dataset import Dataset
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mtl.config import TrackingConfig
 
@@ -130,6 +135,20 @@ class Tracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         if self.active:
             self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """An image at a step: the UI shows a key's images over steps (a slider), not as loose files."""
+        if self.active:
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
+    def log_datasets(self, datasets: Sequence[tuple[Dataset, str]]) -> None:
+        """(dataset, context) pairs as the run's inputs; context: training, validation or testing."""
+        if self.active and datasets:
+            inputs = [
+                DatasetInput(DatasetEntity(**ds.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                for ds, context in datasets
+            ]
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def end(self, status: str = "FINISHED") -> None:
         """FINISHED, FAILED, or KILLED (preempted: the requeued job sets it RUNNING again)."""

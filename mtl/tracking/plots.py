@@ -81,5 +81,11 @@ def scatter(
     return fig
 
 
+def to_image(fig: Figure) -> np.ndarray:
+    """The figure as rendered, RGB uint8 [H, W, 3] (what MLflow's step-wise image logging takes)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def close(fig: Figure) -> None:
     plt.close(fig)

@@ -1,7 +1,9 @@
 """What one evaluation leaves in MLflow: scalar metrics per task, class and unit, and a plot per task.
 
 Plots by kind: a confusion matrix per single-label task (``expr_confusion.png``), F1 bars per multi-label task
-(``au_f1.png``), predicted against true per regression task (``va_scatter.png``).
+(``au_f1.png``), predicted against true per regression task (``va_scatter.png``). Each is logged twice: as an image
+at the evaluation's step under ``<split>/<plot>`` (``val/expr_confusion``: the UI's image view over steps) and as
+the file ``plots/<split>/step_NNNNNNNN/<plot>.png``.
 """
 
 from __future__ import annotations
@@ -38,4 +40,10 @@ def log_evaluation(tracker: Tracker, metrics: ABAWMetrics, scores: dict[str, flo
             continue
         name, fig = made
         tracker.log_figure(fig, f"plots/{split}/step_{step:08d}/{name}")
+        tracker.log_image(plots.to_image(fig), key=image_key(split, name), step=step)
         plots.close(fig)
+
+
+def image_key(split: str, file_name: str) -> str:
+    """``val/expr_confusion``: one key per split and plot, whose images the MLflow UI pages through by step."""
+    return f"{split}/{file_name.removesuffix('.png')}"

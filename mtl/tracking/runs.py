@@ -1,18 +1,21 @@
-"""MLflow runs as a launcher handles them before and around a job: found or made, tagged, deleted again.
+"""MLflow runs as a launcher handles them before and around a job: found or made, tagged, deleted again; and
+outputs made after the run ended attached to it.
 
 `mtl submit` makes the run on the login node so that its id can be printed next to the job id and passed to the
-job (``tracking.run_id``); a submission that fails deletes the runs it made.
+job (``tracking.run_id``); a submission that fails deletes the runs it made. `mtl eval` attaches its predictions
+and submission files to the run that trained the weights (``attach``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from mtl.config import TrackingConfig
 from mtl.errors import MtlError
-from mtl.tracking.mlflow_run import create_run
+from mtl.tracking.mlflow_run import create_run, resolve_uri
 
 
 def client(uri: str) -> MlflowClient:
@@ -51,3 +54,29 @@ def tag_run(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
         c = client(uri)
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
+
+
+def attach(t: TrackingConfig, paths: Sequence[Path], artifact_path: str) -> str:
+    """Log files and folders to the existing run ``t.run_id`` under ``artifact_path``, leaving its status as it is
+    (a FINISHED run stays FINISHED). Never makes a store or a run: where there is no reachable run, nothing is
+    logged. Returns what happened, for the user."""
+    if not t.enabled or not t.run_id:
+        why = "tracking.enabled=false" if not t.enabled else "no MLflow run is recorded with these weights"
+        return f"{why}: nothing logged to MLflow"
+    uri = resolve_uri(t)
+    nothing = f"nothing logged to MLflow (set tracking.uri=... to the store of run {t.run_id})"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return f"MLflow store {uri} not found: {nothing}"
+    c = client(uri)
+    try:
+        run = c.get_run(t.run_id)
+    except Exception as exc:
+        return f"MLflow run {t.run_id} not found in {uri} ({str(exc).splitlines()[0]}): {nothing}"
+    if run.info.lifecycle_stage == "deleted":
+        return f"MLflow run {t.run_id} in {uri} is deleted: nothing logged to MLflow"
+    for path in paths:
+        if path.is_dir():
+            c.log_artifacts(t.run_id, str(path), f"{artifact_path}/{path.name}")
+        else:
+            c.log_artifact(t.run_id, str(path), artifact_path)
+    return f"logged to MLflow run {t.run_id} ({uri}) under {artifact_path}/"
