@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mtl.errors import DataError
+from mtl.errors import DataError, naming
 from mtl.tasks import get_task, task_names
 
 FORMAT = "mtl-shards/1"
@@ -49,8 +49,13 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     tmp = path.with_name(MANIFEST + ".tmp")
     text = json.dumps(manifest, indent=1)
     text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)  # one line per list
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    try:
+        with naming(tmp):
+            tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
