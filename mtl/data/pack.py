@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,7 +267,7 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool, done: dict[str, di
                 for p in pending:
                     p.cancel()
                 raise
-    except cf.process.BrokenProcessPool:
+    except BrokenProcessPool:
         raise MtlError(
             f"a pack worker process died (killed, or out of memory with --workers {workers}); "
             "rerun the same `mtl pack` to continue where it stopped"
