@@ -146,13 +146,15 @@ def _wait_for(pred, what: str, timeout: float = 60) -> None:
 def _slow_release(root: Path, frames: int = 160) -> tuple[Path, Path]:
     """Big JPEGs, so packing them (every frame decoded) lasts a few seconds with 2 workers."""
     rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (768, 768, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
     images, ann = root / "cropped_aligned", root / "annotations"
+    (root / "big.jpg").write_bytes(buf.getvalue())
     for video, split in (("big", "Train_Set"), ("bigv", "Validation_Set")):
         (images / video).mkdir(parents=True)
         for f in range(1, frames + 1):
-            (images / video / f"{f:05d}.jpg").write_bytes(buf.getvalue())
+            os.link(root / "big.jpg", images / video / f"{f:05d}.jpg")  # one file on disk
         write_text(ann / VA_DIR / split / f"{video}.txt", [VA_HEADER, *va_rows(frames)])
     return images, ann
 
