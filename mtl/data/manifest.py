@@ -12,7 +12,8 @@ Layout (paths relative to the data root)::
                    "expr": {..., "class_counts": [8]},     # over labeled_frames (valid label, image present)
                    "au":   {..., "positive_counts": [12]}},   # (fields by the task's kind)
          "video_frames": {video: frames}, "videos_without_images": [...],
-         "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...]},
+         "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...],
+         "bad_images_skipped", "bad_images": ["file: reason", ...]},    # (packs before these fields lack them)
        "val": {...}},
      "unlabeled_videos": [...], "warnings": [...]}
 """
