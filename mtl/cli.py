@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtl.errors import MtlError
+from mtl.errors import MtlError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except MtlError as exc:
         print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a missing permission: the path and the reason, not a traceback
+        print(f"mtl {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mtl {args.command}: interrupted", file=sys.stderr)
         return 130

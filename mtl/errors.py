@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class MtlError(Exception):
     """Base of every error caused by input, config or environment rather than by a bug."""
@@ -9,3 +13,23 @@ class MtlError(Exception):
 
 class DataError(MtlError):
     """Bad input data; the message names the file and, where there is one, the line."""
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Give an OSError raised inside the ``path`` it concerns when it names none: a write to a full disk fails
+    with ENOSPC and no file name, which the CLI could then not report as ``<path>: No space left on device``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None  # the errno's subclass
+        raise
+
+
+def os_error_line(exc: OSError) -> str:
+    """``path: strerror`` (``src -> dst: strerror`` for a rename), as the CLI prints an OSError."""
+    if exc.filename is None:
+        return str(exc)
+    where = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {exc.strerror or exc}"

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from data_fixtures import make_release
-from PIL import Image
 
 import mtl.data.pack as pack_mod
 from mtl.config import DataConfig
@@ -170,12 +167,14 @@ def test_verify_passes_good_shards_and_names_truncated_and_corrupted_ones(releas
 
 def test_verify_catches_a_jpeg_that_does_not_decode(release, tmp_path):
     images, ann = release
-    bad = Image.fromarray(np.zeros((16, 16, 3), np.uint8))
-    buf = io.BytesIO()
-    bad.save(buf, format="JPEG")
-    (images / "vidC" / "00003.jpg").write_bytes(buf.getvalue()[:40])  # starts like a JPEG, cut off
     root = tmp_path / "out"
-    pack(images, ann, root, progress=False)
+    pack(images, ann, root, progress=False)  # (pack itself refuses such a file: tests/test_data_faults.py)
+    # the shard's copy of vidC's frame 3 goes bad in place: starts like a JPEG, cut off, same length
+    good = (images / "vidC" / "00003.jpg").read_bytes()
+    shard = root / "val" / "000000.tar"
+    raw = shard.read_bytes()
+    assert raw.count(good) == 1
+    shard.write_bytes(raw.replace(good, good[:40] + bytes(len(good) - 40)))
     reports = verify(root, progress=False)
     bad_reports = [r for r in reports if not r.ok]
     assert [r.path for r in bad_reports] == ["val/000000.tar"]

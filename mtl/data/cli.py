@@ -45,6 +45,8 @@ def _pack(args: argparse.Namespace) -> int:
     for name, s in manifest["splits"].items():
         tasks = ", ".join(f"{t} {st['labeled_frames']}" for t, st in s["tasks"].items())
         skipped = f", {s['bad_rows_skipped']} bad rows skipped" if s["bad_rows_skipped"] else ""
+        if s.get("bad_images_skipped"):
+            skipped += f", {s['bad_images_skipped']} undecodable images skipped (listed in the manifest)"
         print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['images']} with image), {s['samples']} samples "
               f"in {len(s['shards'])} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
     print(f"wrote {Path(args.out) / 'manifest.json'} ({time.time() - t:.1f}s)")
@@ -52,7 +54,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from mtl.data.verify import stray_files, verify
+    from mtl.data.verify import stats_problems, stray_files, verify
     from mtl.features.manifest import manifest_format
     from mtl.features.shards import FORMAT as FEATURES_FORMAT
 
@@ -71,6 +73,9 @@ def _verify(args: argparse.Namespace) -> int:
     bad = [r for r in reports if not r.ok]
     for r in bad:
         print(f"BAD {r.path}: {'; '.join(r.problems)}", file=sys.stderr)
+    stats = stats_problems(Path(args.dir), reports)
+    for p in stats:
+        print(f"BAD manifest.json statistics: {p}", file=sys.stderr)
     for rel in stray_files(Path(args.dir)):
         print(f"note: {rel} is not listed in the manifest", file=sys.stderr)
     summary = {
@@ -78,9 +83,10 @@ def _verify(args: argparse.Namespace) -> int:
         "bad": [r.path for r in bad],
         "samples": sum(r.samples for r in reports),
         "jpegs_decoded": sum(r.jpegs for r in reports),
+        "stats_mismatches": stats,
     }
     print(json.dumps(summary))
-    return 1 if bad else 0
+    return 1 if bad or stats else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segment-len", type=int, default=64, help="frames per sample (default 64)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--workers", type=int, default=min(4, cpus), help="shards written in parallel")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad annotation rows and empty files")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip (and count) bad annotation rows, empty files and undecodable images")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the training split's sample order")
     p.add_argument("--overwrite", action="store_true", help="replace a different pack already in --out")
     p.add_argument("--task-plugin", action="append", default=[], metavar="MODULE",
@@ -112,7 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("shards", help="inspect packed shards")
     shards = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
-    v = shards.add_parser("verify", help="read every shard back: counts, sha256, every JPEG decodes")
+    v = shards.add_parser(
+        "verify", help="read every shard back: counts, sha256, every JPEG decodes, the manifest's statistics"
+    )
     v.add_argument("dir", help="a folder written by `mtl pack` or `mtl features`")
     v.add_argument("--workers", type=int, default=min(4, cpus))
     v.set_defaults(func=_verify)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,9 @@ from webdataset.filters import shuffle as wds_shuffle
 from mtl.allocator import keep_freed_memory
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.ring import PixelRing
-from mtl.data.shardio import Sample, ShardReader, parse_sample, read_raw
+from mtl.data.shardio import Sample, ShardReader, check_size, parse_sample, read_raw
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
-from mtl.errors import DataError
+from mtl.errors import DataError, MtlError
 from mtl.tasks import tasks
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -62,14 +63,20 @@ class SplitTable:
     paths: list[Path]
     counts: list[int]
     sample_frames: list[list[int]]
+    sizes: list[int | None]  # bytes per shard in the manifest (None: not recorded), checked at every open
 
     @classmethod
     def load(cls, root: str | Path, split: str) -> SplitTable:
+        """The split's shards, each checked to have the manifest's size (one stat each, before any worker starts,
+        so a changed shard stops a run with one line naming it)."""
         root = Path(root)
         entry = split_entry(read_manifest(root), split, root)
         shards = entry["shards"]
-        return cls(root, [root / s["path"] for s in shards], [s["samples"] for s in shards],
-                   [s["sample_frames"] for s in shards])  # fmt: skip
+        table = cls(root, [root / s["path"] for s in shards], [s["samples"] for s in shards],
+                    [s["sample_frames"] for s in shards], [s.get("bytes") for s in shards])  # fmt: skip
+        for path, size in zip(table.paths, table.sizes):
+            check_size(path, size)
+        return table
 
     @property
     def samples(self) -> int:
@@ -212,19 +219,35 @@ def _row() -> int:
     return info.id if info is not None else 0
 
 
-def _dataloader(stream: IterableDataset, workers: int) -> DataLoader:
+def _dataloader(stream: IterableDataset, workers: int) -> Iterator[dict]:
     """Streams yield whole batches (no collation). No pinned memory: the pixels stay in the ring, and the labels are
-    a few numpy arrays."""
-    return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
-                      prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init)  # fmt: skip
+    a few numpy arrays. An MtlError in a worker arrives as itself, with its one-line message (the DataLoader
+    would wrap the worker's whole traceback into it)."""
+    loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+                        prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init)  # fmt: skip
+    try:
+        yield from loader
+    except MtlError as exc:
+        text = str(exc)
+        if not text.startswith("Caught "):
+            raise
+        _, sep, message = text.rstrip().rpartition(f"{type(exc).__module__}.{type(exc).__qualname__}: ")
+        raise type(exc)(message if sep else text) from None
 
 
 def _worker_init(_: int) -> None:
     """Keep the Python objects inherited from the parent out of the worker's garbage collector: collecting
     would walk (and so copy-on-write) the parent's whole heap, which costs more than the decoding. And keep freed
-    memory for the next batch's decode and resize buffers instead of faulting in fresh pages each time."""
+    memory for the next batch's decode and resize buffers instead of faulting in fresh pages each time.
+
+    Ctrl-C reaches every process of the terminal's group: the trainer takes it as "save and stop" at the end of
+    the step, but a worker killed by it would fail the main process before it can save. So workers ignore SIGINT
+    and SIGUSR2 (SLURM's preemption signal, sent to every process of a task); they end when the loader ends them
+    or their parent exits."""
     gc.freeze()
     keep_freed_memory()
+    for sig in (signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _ClipMaker:
@@ -281,7 +304,7 @@ class TrainStream(IterableDataset):
 
     def _raw(self, pieces: list[Piece]) -> Iterator[dict]:
         for p in pieces:
-            for raw in read_raw(self.table.paths[p.shard], p.first, p.stop):
+            for raw in read_raw(self.table.paths[p.shard], p.first, p.stop, self.table.sizes[p.shard]):
                 raw["__sample__"] = self.base[p.shard] + raw["__index__"]
                 raw["__where__"] = str(self.table.paths[p.shard])
                 yield raw
@@ -410,7 +433,8 @@ class EvalStream(IterableDataset):
                 shard, index, a = clips[k]
                 if last is None or last[0] != (shard, index):
                     path = self.table.paths[shard]
-                    last = ((shard, index), parse_sample(reader.get(path, index), str(path)))
+                    raw = reader.get(path, index, self.table.sizes[shard])
+                    last = ((shard, index), parse_sample(raw, str(path)))
                 s = last[1]
                 b = min(a + t, len(s))
                 videos.append(s.video)

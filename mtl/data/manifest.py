@@ -12,7 +12,8 @@ Layout (paths relative to the data root)::
                    "expr": {..., "class_counts": [8]},     # over labeled_frames (valid label, image present)
                    "au":   {..., "positive_counts": [12]}},   # (fields by the task's kind)
          "video_frames": {video: frames}, "videos_without_images": [...],
-         "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...]},
+         "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...],
+         "bad_images_skipped", "bad_images": ["file: reason", ...]},    # (packs before these fields lack them)
        "val": {...}},
      "unlabeled_videos": [...], "warnings": [...]}
 """
@@ -26,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mtl.errors import DataError
+from mtl.errors import DataError, naming
 from mtl.tasks import get_task, task_names
 
 FORMAT = "mtl-shards/1"
@@ -49,8 +50,13 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     tmp = path.with_name(MANIFEST + ".tmp")
     text = json.dumps(manifest, indent=1)
     text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)  # one line per list
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    try:
+        with naming(tmp):
+            tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -8,7 +8,12 @@ order for evaluation.
 
 Restartable: the plan (a function of the inputs and parameters only) is fingerprinted in ``.pack-plan.json``;
 shards are written to ``.tmp`` and renamed when complete, so a rerun after an interruption keeps every ``*.tar``
-it finds (untouched) and writes only the rest. Same input -> byte-identical shards, whatever the worker count.
+it finds (untouched) and writes only the rest. A rerun with other input or parameters (a bad image fixed) after a
+pack that never finished starts over; only a finished pack (one with its manifest) needs ``--overwrite``.
+Same input -> byte-identical shards, whatever the worker count.
+
+Every frame is decoded (the loader's decoder) before it goes into a shard: a truncated or corrupt JPEG is an error
+naming its file, or with ``skip_bad_rows`` a frame without an image, counted and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from mtl.data.labels import ParseLog, SplitLabels
+from mtl.data.jpeg import jpeg_problem
+from mtl.data.labels import MAX_LISTED_BAD_ROWS, ParseLog, SplitLabels
 from mtl.data.manifest import FORMAT, MANIFEST, file_sha256, write_manifest
-from mtl.data.shardio import JPEG_MAGIC, encode_sample, label_meta, write_shard
-from mtl.errors import DataError
+from mtl.data.pool import process_pool
+from mtl.data.shardio import JPEG_MAGIC, encode_sample, label_meta, parse_sample, read_raw, write_shard
+from mtl.errors import DataError, MtlError, naming
 from mtl.tasks import tasks
 
 PLAN_FILE = ".pack-plan.json"
@@ -148,26 +156,61 @@ def plan_split(videos: list[PackedVideo], segment_len: int, shuffle: bool, seed:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _read_jpeg(path: Path) -> bytes:
-    data = path.read_bytes()
+_FIX = "replace or delete it (the frame then has no image), or pass --skip-bad-rows"
+
+
+def _jpeg_fault(data: bytes) -> str | None:
+    """Why the loader could not use these bytes as a frame, or None."""
     if not data.startswith(JPEG_MAGIC):
-        raise DataError(f"{path}: not a JPEG file (delete or replace it: without it the frame has no image)")
-    return data
+        return "not a JPEG file"
+    problem = jpeg_problem(data)
+    return None if problem is None else f"JPEG does not decode ({problem})"
+
+
+def _frame_jpeg(path: Path, skip_bad: bool, bad: list[list]) -> bytes | None:
+    """The file's bytes if the loader's decoder reads it to the end; else a DataError naming it, or under
+    ``skip_bad`` None (the frame has no image) with [video, frame, reason] appended to ``bad``."""
+    data = path.read_bytes()
+    fault = _jpeg_fault(data)
+    if fault is None:
+        return data
+    if not skip_bad:
+        raise DataError(f"{path}: {fault}; {_FIX}")
+    bad.append([path.parent.name, int(_FRAME_NAME.match(path.name).group(1)), f"{path}: {fault}"])
+    return None
 
 
 def write_shard_job(job: dict) -> dict:
-    """Runs in a pack worker: read the JPEGs of one shard's samples and write the shard."""
-    samples = []
+    """Runs in a pack worker: read and decode the JPEGs of one shard's samples and write the shard."""
+    samples, bad = [], []
     for i, s in enumerate(job["samples"]):
-        jpegs = [None if name is None else _read_jpeg(Path(s["folder"]) / name) for name in s["names"]]
+        jpegs = [None if name is None else _frame_jpeg(Path(s["folder"]) / name, job["skip_bad"], bad)
+                 for name in s["names"]]  # fmt: skip
         meta = {"video": s["video"], "frames": s["frames"], **label_meta(s["labels"])}
         samples.append(encode_sample(i, meta, jpegs))
     path = Path(job["path"])
     write_shard(path, samples)
-    return {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path), "bad_images": bad}
 
 
-def _shard_jobs(out: Path, split: str, videos: list[PackedVideo], plan, shard_size: int) -> Iterator[dict]:
+def finished_shard(job: dict) -> dict:
+    """``write_shard_job``'s result for a shard an interrupted run finished: hashed, and under ``skip_bad`` its
+    skipped frames (an image in the plan, none in the shard) found and their files' reasons read again."""
+    path = Path(job["path"])
+    res = {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path), "bad_images": []}
+    if job["skip_bad"]:
+        for raw, planned in zip(read_raw(path), job["samples"]):
+            s = parse_sample(raw, str(path))
+            for name, frame, has in zip(planned["names"], s.frames.tolist(), s.has_image.tolist()):
+                src = Path(planned["folder"]) / str(name)
+                if name is not None and not has and _frame_jpeg(src, True, res["bad_images"]) is not None:
+                    res["bad_images"].append([s.video, frame, f"{src}: skipped by an earlier, interrupted run"])
+    return res
+
+
+def _shard_jobs(
+    out: Path, split: str, videos: list[PackedVideo], plan, shard_size: int, skip_bad: bool = False
+) -> Iterator[dict]:
     for k, start in enumerate(range(0, len(plan), shard_size)):
         rel = f"{split}/{k:06d}.tar"
         samples = []
@@ -189,6 +232,7 @@ def _shard_jobs(out: Path, split: str, videos: list[PackedVideo], plan, shard_si
             "samples": samples,
             "frames": [len(s["frames"]) for s in samples],
             "images": sum(sum(n is not None for n in s["names"]) for s in samples),
+            "skip_bad": skip_bad,
         }
 
 
@@ -202,32 +246,65 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool, done: dict[str, di
                 done[job["rel"]] = write_shard_job(job)
                 bar.update(1)
             return
-        with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             pending: set[cf.Future] = set()
             it = iter(todo)
-            while True:
-                while len(pending) < 2 * workers:
-                    job = next(it, None)
-                    if job is None:
+            try:
+                while True:
+                    while len(pending) < 2 * workers:
+                        job = next(it, None)
+                        if job is None:
+                            break
+                        pending.add(pool.submit(write_shard_job, job))
+                    if not pending:
                         break
-                    pending.add(pool.submit(write_shard_job, job))
-                if not pending:
-                    break
-                finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    try:
+                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
                         res = fut.result()
-                    except BaseException:
-                        for p in pending:
-                            p.cancel()
-                        raise
-                    done[res["path"]] = res
-                    bar.update(1)
+                        done[res["path"]] = res
+                        bar.update(1)
+            except BaseException:  # an error or Ctrl-C: start nothing more
+                for p in pending:
+                    p.cancel()
+                raise
+    except BrokenProcessPool:
+        raise MtlError(
+            f"a pack worker process died (killed, or out of memory with --workers {workers}); "
+            "rerun the same `mtl pack` to continue where it stopped"
+        ) from None
     finally:
         bar.close()
 
 
+def _drop_bad_images(jobs: list[dict], done: dict[str, dict], per_split: dict[str, list[PackedVideo]]) -> dict:
+    """Frames whose JPEG was skipped (``skip_bad_rows``) lose their image in the plan's counts too, so the
+    manifest's statistics describe the shards; returns each split's skipped files, as messages."""
+    out: dict[str, list[str]] = {split: [] for split in per_split}
+    by_name = {(split, v.name): v for split, vids in per_split.items() for v in vids}
+    for job in jobs:
+        split = job["rel"].split("/")[0]
+        for video, frame, msg in done[job["rel"]]["bad_images"]:
+            by_name[split, video].has_image[frame - 1] = False
+            job["images"] -= 1
+            out[split].append(msg)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ state
+
+
+def _unfinished_pack(out: Path, splits: list[str]) -> bool:
+    """True if ``out`` holds what a pack that never finished left (its plan, no manifest): shards of no use to
+    anyone, removed so a rerun with fixed input or other parameters starts over instead of being refused."""
+    if not (out / PLAN_FILE).is_file() or (out / MANIFEST).exists():
+        return False
+    print(f"mtl pack: note: {out} holds an unfinished pack of other input or parameters; starting over",
+          file=sys.stderr)  # fmt: skip
+    for name in ("train", "val", *splits):
+        for pattern in ("*.tar", "*.tmp"):
+            for path in (out / name).glob(pattern):
+                path.unlink()
+    return True
 
 
 def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]) -> None:
@@ -238,7 +315,7 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]
             old = json.loads(plan_path.read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError, AttributeError):
             old = None
-        same = old == fingerprint
+        same = old == fingerprint or _unfinished_pack(out, splits)
     else:
         old_tars = any(any((out / s).glob("*.tar")) for s in ("train", "val", *splits))
         same = not (out / MANIFEST).exists() and not old_tars
@@ -257,7 +334,8 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]
         for tmp in (out / split).glob("*.tmp"):
             tmp.unlink()
     tmp = plan_path.with_name(PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": fingerprint}) + "\n")
+    with naming(tmp):
+        tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": fingerprint}) + "\n")
     os.replace(tmp, plan_path)
 
 
@@ -362,13 +440,13 @@ def pack(
     _prepare_out(out, fingerprint, overwrite, list(per_split))
 
     plans = {s: plan_split(v, segment_len, s == "train", shuffle_seed) for s, v in per_split.items()}
-    jobs = [j for s in per_split for j in _shard_jobs(out, s, per_split[s], plans[s], shard_size)]
+    jobs = [j for s in per_split for j in _shard_jobs(out, s, per_split[s], plans[s], shard_size, skip_bad_rows)]
     done: dict[str, dict] = {}
     for job in jobs:  # complete shards from an interrupted run: kept as they are, only hashed
-        path = Path(job["path"])
-        if path.is_file():
-            done[job["rel"]] = {"path": job["rel"], "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        if Path(job["path"]).is_file():
+            done[job["rel"]] = finished_shard(job)
     _run_jobs(jobs, workers, progress, done)
+    bad_images = _drop_bad_images(jobs, done, per_split)
 
     splits = {}
     for split, vids in per_split.items():
@@ -396,6 +474,8 @@ def pack(
             "bad_rows_skipped": log.bad_rows.get(split, 0),
             "bad_rows": log.listed.get(split, []),
             "skipped_files": log.skipped_files.get(split, []),
+            "bad_images_skipped": len(bad_images[split]),
+            "bad_images": bad_images[split][:MAX_LISTED_BAD_ROWS],
         }
     labelled = {v.name for v in all_videos}
     unlabeled = sorted(image_dirs - labelled)

@@ -28,7 +28,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys
 from webdataset.writer import TarWriter
 
-from mtl.errors import DataError
+from mtl.errors import DataError, naming
 from mtl.tasks import tasks
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -73,7 +73,7 @@ def write_shard(path: Path, samples: list[dict]) -> None:
     """Write atomically: a ``.tmp`` file, fsync, then rename, so a file named ``*.tar`` is always complete."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with naming(tmp), open(tmp, "wb") as f:
             with TarWriter(f, user="", group="", mode=0o644, encoder=False, mtime=0) as writer:
                 for sample in samples:
                     writer.write(sample)
@@ -81,13 +81,29 @@ def write_shard(path: Path, samples: list[dict]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        with naming(path.parent):
+            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_size(path: Path, expected: int | None) -> None:
+    """DataError naming the shard when its size is not the manifest's (a copy cut short, a rewritten file): one
+    stat per open, so training stops at once with what to run instead of failing later on a garbled sample.
+    (``mtl shards verify`` also checks every byte against the manifest's sha256.)"""
+    if expected is None:  # a manifest from before sizes were recorded
+        return
+    verify = f"run `mtl shards verify {path.parent.parent}`"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: {exc.strerror}; {verify}") from None
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, the manifest says {expected} (changed after `mtl pack`); {verify}")
 
 
 def _member_index(name: str) -> int:
@@ -95,8 +111,9 @@ def _member_index(name: str) -> int:
     return int(stem) if stem.isdigit() else -1
 
 
-def read_raw(path: Path, first: int = 0, stop: int | None = None) -> Iterator[dict]:
-    """Raw samples (``__key__``, ``json``, ``jpgs`` bytes) with index in [first, stop), in shard order.
+def read_raw(path: Path, first: int = 0, stop: int | None = None, size: int | None = None) -> Iterator[dict]:
+    """Raw samples (``__key__``, ``json``, ``jpgs`` bytes) with index in [first, stop), in shard order; ``size``:
+    the shard's bytes in the manifest, checked first (``check_size``).
 
     Opens the tar seekable ("r:"), so members before ``first`` are skipped by seeking over them, not read: a worker
     that starts in the middle of a shard pays for the headers only. Grouping of members into samples is
@@ -104,6 +121,7 @@ def read_raw(path: Path, first: int = 0, stop: int | None = None) -> Iterator[di
     """
 
     def members() -> Iterator[dict]:
+        check_size(path, size)
         with tarfile.open(path, "r:") as tf:
             for info in tf:
                 if not info.isreg():
@@ -135,8 +153,9 @@ class ShardReader:
         self._tar: tarfile.TarFile | None = None
         self._index: dict[int, dict[str, tarfile.TarInfo]] = {}
 
-    def _open(self, path: Path) -> None:
+    def _open(self, path: Path, size: int | None) -> None:
         self.close()
+        check_size(path, size)
         try:
             tar = tarfile.open(path, "r:")
             index: dict[int, dict[str, tarfile.TarInfo]] = {}
@@ -149,9 +168,10 @@ class ShardReader:
             raise DataError(f"{path}: unreadable shard ({exc}); run `mtl shards verify`") from None
         self._path, self._tar, self._index = path, tar, index
 
-    def get(self, path: Path, index: int) -> dict:
+    def get(self, path: Path, index: int, size: int | None = None) -> dict:
+        """Sample ``index`` of shard ``path``; ``size``: its bytes in the manifest, checked when it is opened."""
         if path != self._path:
-            self._open(path)
+            self._open(path, size)
         members = self._index.get(index)
         if members is None:
             raise DataError(f"{path}: no sample {sample_key(index)}; run `mtl shards verify`")

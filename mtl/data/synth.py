@@ -26,7 +26,6 @@ with no labels at all, a ``_left`` / ``_right`` pair, and video sets that differ
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import io
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mtl.data.pool import process_pool
 from mtl.errors import DataError
 from mtl.tasks.abaw import AU, EXPR, VA
 
@@ -345,6 +345,6 @@ def make_synth(
         for v in jobs:
             render_video(str(images), v, quality)
     else:
-        with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             list(pool.map(render_video, [str(images)] * len(jobs), jobs, [quality] * len(jobs)))
     return out

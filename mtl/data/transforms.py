@@ -19,13 +19,10 @@ import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from mtl.data.jpeg import decode_jpeg
+
 ASPECT_RANGE = (0.9, 1 / 0.9)  # aligned faces: mild aspect changes only
 _GRAY = torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)
-
-
-def decode_jpeg(data: bytes | memoryview) -> np.ndarray:
-    """One JPEG -> uint8 RGB [h, w, 3] (grey ones too); ValueError if it does not decode."""
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
 
 
 def decode_clip(blob: bytes | bytearray | memoryview, offsets: np.ndarray, idx: np.ndarray) -> torch.Tensor:
