@@ -14,9 +14,13 @@ def _synth(args: argparse.Namespace) -> int:
     from mtl.data.synth import make_synth
 
     t = time.time()
-    root = make_synth(Path(args.out), videos=args.videos, frames=args.frames, seed=args.seed, workers=args.workers)
+    root = make_synth(Path(args.out), videos=args.videos, frames=args.frames, seed=args.seed, workers=args.workers,
+                      test_videos=args.test_videos)  # fmt: skip
     print(f"synthetic release in {root} ({time.time() - t:.1f}s); pack it with:")
-    print(f"  mtl pack --images {root / 'cropped_aligned'} --annotations {root / 'annotations'} --out shards/synth")
+    test = "".join(f" --test-list {p}" for p in sorted((root / "test_set").glob("*.txt"))) if args.test_videos else ""
+    videos = f" --videos {root / 'videos'}" if args.test_videos else ""
+    print(f"  mtl pack --images {root / 'cropped_aligned'} --annotations {root / 'annotations'}{test}{videos} "
+          f"--out shards/synth")  # fmt: skip
     return 0
 
 
@@ -106,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=240, help="about this many frames per video (default 240)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(2, cpus))
+    p.add_argument("--test-videos", type=int, default=0,
+                   help="also a test set: unlabelled videos, their raw videos and the organisers' lists (default 0)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("pack", help="pack an Aff-Wild2 release into WebDataset shards + manifest.json")
