@@ -29,6 +29,18 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, short) training run: smoke config, one process, exported weights (`mtl predict` and
+    `mtl eval --split test` run it)."""
+    base = tmp_path_factory.mktemp("trained_run")
+    out = base / "run"
+    overrides = smoke_overrides(tiny_shards, out, base / "mlflow.db", "train.max_steps=2")
+    ok(mtl("train", "--config", str(SMOKE), *overrides))
+    assert (out / "export" / "best.safetensors").is_file()
+    return out
+
+
 def smoke_overrides(shards: Path, out: Path, db: Path, *extra: str) -> list[str]:
     return [f"data.shards={shards}", f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", *extra]
 

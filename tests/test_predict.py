@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, mtl, ok, smoke_overrides
+from conftest import mtl, ok
 from face_video import face_frames, write_folder, write_video
 
 from mtl.predict.detect import Box, HaarDetector, HogDetector, make_detector
@@ -19,17 +19,6 @@ from mtl.tasks import get_task, tasks
 EXPRESSIONS, ACTION_UNITS = get_task("expr").columns, get_task("au").columns
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (tiny, short) training run: smoke config, one process, exported weights."""
-    base = tmp_path_factory.mktemp("predict_run")
-    out = base / "run"
-    overrides = smoke_overrides(tiny_shards, out, base / "mlflow.db", "train.max_steps=2")
-    ok(mtl("train", "--config", str(SMOKE), *overrides))
-    assert (out / "export" / "best.safetensors").is_file()
-    return out
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
