@@ -234,7 +234,7 @@ def test_eval_test_writes_every_frame_in_order_and_check_catches_mistakes(
     def out_of_range(lines):
         lines[2] = lines[2].split(",")[0] + ",1.5,0.0"
 
-    assert any("VA.txt: 1 rows missing" in p and "expected at line 10" in p for p in broken("VA.txt", drop))
+    assert any("VA.txt: 1 row missing" in p and "expected at line 10" in p for p in broken("VA.txt", drop))
     assert any("EXPR.txt:7: " in p and "out of order" in p for p in broken("EXPR.txt", swap))
     assert any("AU.txt:1: header" in p for p in broken("AU.txt", header))
     assert any("VA.txt:3: valence 1.5 is outside [-1, 1]" in p for p in broken("VA.txt", out_of_range))

@@ -110,8 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=240, help="about this many frames per video (default 240)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(2, cpus))
-    p.add_argument("--test-videos", type=int, default=0,
-                   help="also a test set: unlabelled videos, their raw videos and the organisers' lists (default 0)")
+    p.add_argument(
+        "--test-videos",
+        type=int,
+        default=0,
+        help="also a test set: unlabelled videos, their raw videos and the organisers' lists (default 0)",
+    )
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("pack", help="pack an Aff-Wild2 release into WebDataset shards + manifest.json")
@@ -125,10 +129,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=min(4, cpus), help="shards written in parallel")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad annotation rows and empty files")
     p.add_argument("--seed", type=int, default=0, help="seed of the training split's sample order")
-    p.add_argument("--test-list", action="append", default=[], metavar="[TRACK=]FILE",
-                   help="an organisers' test list (repeat per track; track from the file name, e.g. "
-                        "Valence_Arousal_Estimation_Challenge_test_set_release.txt, or TRACK=FILE: va, expr, au, "
-                        "mtl for the MTL track's list of frames): packed as the unlabelled split 'test'")
+    p.add_argument(
+        "--test-list",
+        action="append",
+        default=[],
+        metavar="[TRACK=]FILE",
+        help="an organisers' test list (repeat per track; track from the file name, e.g. "
+        "Valence_Arousal_Estimation_Challenge_test_set_release.txt, or TRACK=FILE: va, expr, au, "
+        "mtl for the MTL track's list of frames): packed as the unlabelled split 'test'",
+    )
     p.add_argument("--videos", metavar="DIR", help="raw test videos (any depth): frames per test video")
     p.add_argument("--frame-counts", metavar="CSV", help="video,frames rows: frames per test video")
     p.add_argument("--overwrite", action="store_true", help="replace a different pack already in --out")

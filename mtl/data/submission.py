@@ -158,8 +158,8 @@ def check_file(path: Path, lst: TestList, video_frames: dict[str, int], problems
                 a += w
     missing = np.flatnonzero(~seen)
     if len(missing):
-        first = int(missing[0])
-        problems.add(f"{path}: {len(missing)} rows missing, the first {image_name(*rows.row(first))} "
+        first, k = int(missing[0]), len(missing)
+        problems.add(f"{path}: {k} row{'s' * (k != 1)} missing, the first {image_name(*rows.row(first))} "
                      f"(expected at line {first + 2})")  # fmt: skip
     return data_rows
 

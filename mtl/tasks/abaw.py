@@ -30,8 +30,13 @@ EXPR = register(
         folders=("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),  # the second: an older release
         submission="EXPR.txt",
         mtl_track=("expression",),
-        test_lists=("Expression_Recognition_Challenge", "Expression_Classification_Challenge",
-                    "EXPR_Recognition_Challenge", "EXPR_Classification_Challenge", "EXPR"),  # fmt: skip
+        test_lists=(
+            "Expression_Recognition_Challenge",
+            "Expression_Classification_Challenge",
+            "EXPR_Recognition_Challenge",
+            "EXPR_Classification_Challenge",
+            "EXPR",
+        ),
         header_aliases=(EXPR_NAMES[:7],),  # the older release has 7 classes (no "Other"); codes 0..6 mean the same
         prediction="expression",
         invalid=-1,
