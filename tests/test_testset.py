@@ -212,15 +212,16 @@ def test_eval_test_writes_every_frame_in_order_and_check_catches_mistakes(
     ok_run = ok(mtl("submission", "check", str(sub), "--shards", str(test_pack)))
     assert "ready to upload" in ok_run.stdout
 
-    def broken(name: str, edit) -> list[str]:
+    def broken(name: str, edit) -> str:
+        """The one problem the check finds in a copy of the submission with ``edit`` applied to file ``name``."""
         bad = tmp_path / f"bad_{len(list(tmp_path.glob('bad_*')))}"
         shutil.copytree(sub, bad)
         lines = (bad / name).read_text().splitlines()
         edit(lines)
         (bad / name).write_text("\n".join(lines) + "\n")
         problems, _ = check_submission(bad, test_pack)
-        assert problems.count > 0
-        return problems.shown
+        assert problems.count == 1, problems.shown
+        return problems.shown[0]
 
     def drop(lines):
         del lines[9]
@@ -234,16 +235,16 @@ def test_eval_test_writes_every_frame_in_order_and_check_catches_mistakes(
     def out_of_range(lines):
         lines[2] = lines[2].split(",")[0] + ",1.5,0.0"
 
-    assert any("VA.txt: 1 row missing" in p and "expected at line 10" in p for p in broken("VA.txt", drop))
-    assert any("EXPR.txt:7: " in p and "out of order" in p for p in broken("EXPR.txt", swap))
-    assert any("AU.txt:1: header" in p for p in broken("AU.txt", header))
-    assert any("VA.txt:3: valence 1.5 is outside [-1, 1]" in p for p in broken("VA.txt", out_of_range))
+    missing = broken("VA.txt", drop)
+    assert "VA.txt: 1 row missing" in missing and "expected at line 10" in missing
+    assert "EXPR.txt:7: " in broken("EXPR.txt", swap) and "out of order" in broken("EXPR.txt", swap)
+    assert "AU.txt:1: header" in broken("AU.txt", header)
+    assert "VA.txt:3: valence 1.5 is outside [-1, 1]" in broken("VA.txt", out_of_range)
 
     def bad_class(lines):
         lines[1] = _set_field(lines[1], 3, "8")
 
-    n_classes = get_task("expr").width
-    assert any(f"MTL.txt:2: expression 8 is not a class 0..{n_classes - 1}" in p for p in broken("MTL.txt", bad_class))
+    assert f"MTL.txt:2: expression 8 is not a class 0..{get_task('expr').width - 1}" in broken("MTL.txt", bad_class)
 
     bad = tmp_path / "bad_cli"
     shutil.copytree(sub, bad)

@@ -292,11 +292,11 @@ def split_stats(videos: list[PackedVideo]) -> dict:
 
 
 @dataclass
-class TestSplit:
+class UnlabelledSplit:
     """The unlabelled split ``test``: its videos, the organisers' lists, and where each frame count came from."""
 
     videos: list[PackedVideo]
-    lists: list[testset.TestList]
+    lists: list[testset.TrackList]
     count_sources: dict[str, str]
     skipped: list[str]  # listed videos without frames (under skip_bad_rows), as messages
 
@@ -318,7 +318,7 @@ def build_test_split(
     frame_counts: Path | None,
     labelled: dict[str, str],
     log: ParseLog,
-) -> TestSplit:
+) -> UnlabelledSplit:
     """Every video of the organisers' lists with its frames folder; one without is an error (skipped and counted
     under ``skip_bad_rows``); a test video that is also labelled is an error."""
     lists = testset.read_test_lists(test_lists)
@@ -349,10 +349,10 @@ def build_test_split(
         raise DataError(f"{images}: none of the {len(listed_in)} test videos has a frames folder here")
     counts = testset.frame_counts(list(found), highest, videos_dir, frame_counts, log.warnings)
     videos = [unlabelled_video(v, counts.counts[v], img) for v, img in found.items()]
-    return TestSplit(videos, lists, counts.sources, skipped)
+    return UnlabelledSplit(videos, lists, counts.sources, skipped)
 
 
-def test_split_entry(out: Path, test: TestSplit, labelled_entry: dict) -> dict:
+def unlabelled_manifest_entry(out: Path, test: UnlabelledSplit, labelled_entry: dict) -> dict:
     """The manifest's entry of the unlabelled split: shards as any split's, no task stats; frames without an image,
     the lists (copied into the pack) and where the frame counts came from."""
     frames = sum(v.n for v in test.videos)
@@ -498,7 +498,7 @@ def pack(
             "skipped_files": log.skipped_files.get(split, []),
         }
     if test is not None:
-        splits[testset.SPLIT] = test_split_entry(out, test, splits[testset.SPLIT])
+        splits[testset.SPLIT] = unlabelled_manifest_entry(out, test, splits[testset.SPLIT])
     labelled = {v.name for v in all_videos}
     unlabeled = sorted(image_dirs - labelled)
     inputs = {"images": str(images)}

@@ -18,7 +18,7 @@ import numpy as np
 
 from mtl.data import mtl_track_file
 from mtl.data.manifest import read_manifest
-from mtl.data.testset import TestList, load_lists
+from mtl.data.testset import TrackList, load_lists
 from mtl.errors import DataError
 from mtl.tasks import BadRow, Task, get_task
 
@@ -74,7 +74,7 @@ class Problems:
 class _Rows:
     """Where each (video, frame) of a track's list sits in the organisers' order, without listing every frame."""
 
-    def __init__(self, lst: TestList, video_frames: dict[str, int]) -> None:
+    def __init__(self, lst: TrackList, video_frames: dict[str, int]) -> None:
         self.mtl = lst.is_mtl
         if self.mtl:
             self.frames = lst.frames
@@ -102,7 +102,7 @@ class _Rows:
         return self.videos[k], i - self.starts[k] + 1
 
 
-def check_file(path: Path, lst: TestList, video_frames: dict[str, int], problems: Problems) -> int:
+def check_file(path: Path, lst: TrackList, video_frames: dict[str, int], problems: Problems) -> int:
     """Check one track's file; returns its data rows."""
     fmt = track_format(lst.track)
     if not path.is_file():

@@ -28,7 +28,7 @@ _SIDES = ("_left", "_right")
 
 
 @dataclass(frozen=True)
-class TestList:
+class TrackList:
     """One track's list: ``videos`` in the organisers' order; the MTL track also lists ``frames`` in its order."""
 
     track: str  # a registered task's name, or mtl_track_file.TRACK
@@ -85,7 +85,7 @@ def _video_name(name: str, where: str) -> str:
     return name
 
 
-def read_video_list(path: Path, track: str) -> TestList:
+def read_video_list(path: Path, track: str) -> TrackList:
     """One video name a line (blank lines ignored); a name listed twice is an error."""
     first: dict[str, int] = {}
     for i, line in enumerate(read_text_lines(path, str(path)), 1):
@@ -98,10 +98,10 @@ def read_video_list(path: Path, track: str) -> TestList:
         first[name] = i
     if not first:
         raise DataError(f"{path}: no video names")
-    return TestList(track, str(path), tuple(first))
+    return TrackList(track, str(path), tuple(first))
 
 
-def read_frame_list(path: Path) -> TestList:
+def read_frame_list(path: Path) -> TrackList:
     """The MTL track's list: one ``video/NNNNN.jpg`` a line (more comma-separated fields ignored), an optional header
     line; a frame listed twice is an error."""
     frames: list[tuple[str, int]] = []
@@ -121,10 +121,10 @@ def read_frame_list(path: Path) -> TestList:
         frames.append(vf)
     if not frames:
         raise DataError(f"{path}: no frames listed")
-    return TestList(mtl_track_file.TRACK, str(path), tuple(dict.fromkeys(v for v, _ in frames)), tuple(frames))
+    return TrackList(mtl_track_file.TRACK, str(path), tuple(dict.fromkeys(v for v, _ in frames)), tuple(frames))
 
 
-def read_test_lists(specs: list[str]) -> list[TestList]:
+def read_test_lists(specs: list[str]) -> list[TrackList]:
     """The lists named on the command line, in track registration order; a track given twice is an error."""
     given: dict[str, Path] = {}
     for spec in specs:
@@ -258,7 +258,7 @@ def frame_counts(
 # ------------------------------------------------------------------------------------------------ in the pack
 
 
-def write_lists(out: Path, lists: list[TestList], video_frames: dict[str, int]) -> dict[str, dict]:
+def write_lists(out: Path, lists: list[TrackList], video_frames: dict[str, int]) -> dict[str, dict]:
     """Copy the lists into the pack (``test/lists/<track>.txt``, atomically) -> the manifest's ``lists`` entry."""
     folder = Path(out) / SPLIT / "lists"
     folder.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def write_lists(out: Path, lists: list[TestList], video_frames: dict[str, int]) 
     return entry
 
 
-def load_lists(root: Path, split_entry: dict) -> list[TestList]:
+def load_lists(root: Path, split_entry: dict) -> list[TrackList]:
     """The lists a pack holds for an unlabelled split, checked against the manifest's hashes."""
     out = []
     for track, e in split_entry["lists"].items():
@@ -287,11 +287,11 @@ def load_lists(root: Path, split_entry: dict) -> list[TestList]:
         if not path.is_file() or file_sha256(path) != e["sha256"]:
             raise DataError(f"{path}: missing or changed since `mtl pack` wrote it; pack the test lists again")
         lst = read_frame_list(path) if track == mtl_track_file.TRACK else read_video_list(path, track)
-        out.append(TestList(track, e["source"], lst.videos, lst.frames))
+        out.append(TrackList(track, e["source"], lst.videos, lst.frames))
     return out
 
 
-def expected_rows(lst: TestList, video_frames: dict[str, int]) -> Iterator[tuple[str, int]]:
+def expected_rows(lst: TrackList, video_frames: dict[str, int]) -> Iterator[tuple[str, int]]:
     """(video, frame) of every submission row of a track, in the organisers' order: the MTL track's frames as
     listed; for a task, each listed video's frames 1..n. A listed video not packed (skipped) has no rows here."""
     if lst.is_mtl:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from mtl.data.submission import image_name, track_format
-from mtl.data.testset import TestList, expected_rows
+from mtl.data.testset import TrackList, expected_rows
 from mtl.metrics import ABAWMetrics
 from mtl.tasks import tasks
 
@@ -111,7 +111,7 @@ def write_submission(
 
 def write_test_submission(
     preds: FramePredictions,
-    lists: list[TestList],
+    lists: list[TrackList],
     video_frames: dict[str, int],
     out_dir: Path,
     thresholds: dict[str, np.ndarray] | None = None,
