@@ -31,7 +31,8 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (tiny, short) training run: smoke config, one process, exported weights."""
+    """A real (tiny, short) training run: smoke config, one process, exported weights (`mtl predict` and
+    `mtl eval --split test` run it)."""
     base = tmp_path_factory.mktemp("trained_run")
     out = base / "run"
     overrides = smoke_overrides(tiny_shards, out, base / "mlflow.db", "train.max_steps=2")

@@ -14,9 +14,13 @@ def _synth(args: argparse.Namespace) -> int:
     from mtl.data.synth import make_synth
 
     t = time.time()
-    root = make_synth(Path(args.out), videos=args.videos, frames=args.frames, seed=args.seed, workers=args.workers)
+    root = make_synth(Path(args.out), videos=args.videos, frames=args.frames, seed=args.seed, workers=args.workers,
+                      test_videos=args.test_videos)  # fmt: skip
     print(f"synthetic release in {root} ({time.time() - t:.1f}s); pack it with:")
-    print(f"  mtl pack --images {root / 'cropped_aligned'} --annotations {root / 'annotations'} --out shards/synth")
+    test = "".join(f" --test-list {p}" for p in sorted((root / "test_set").glob("*.txt"))) if args.test_videos else ""
+    videos = f" --videos {root / 'videos'}" if args.test_videos else ""
+    print(f"  mtl pack --images {root / 'cropped_aligned'} --annotations {root / 'annotations'}{test}{videos} "
+          f"--out shards/synth")  # fmt: skip
     return 0
 
 
@@ -27,8 +31,11 @@ def _pack(args: argparse.Namespace) -> int:
 
     load_plugins(args.task_plugin, key="--task-plugin")
     mtl_files = {k: Path(v) for k, v in (("train", args.mtl_train), ("val", args.mtl_val)) if v}
-    if bool(args.annotations) == bool(mtl_files):
-        raise DataError("give exactly one of --annotations DIR (ABAW tree) and --mtl-train/--mtl-val FILE (MTL track)")
+    if args.annotations and mtl_files or not (args.annotations or mtl_files or args.test_list):
+        raise DataError("give one of --annotations DIR (ABAW tree) and --mtl-train/--mtl-val FILE (MTL track), "
+                        "and/or --test-list FILE (the organisers' test lists)")  # fmt: skip
+    if (args.videos or args.frame_counts) and not args.test_list:
+        raise DataError("--videos and --frame-counts count the frames of test videos; give --test-list too")
     t = time.time()
     manifest = pack(
         Path(args.images),
@@ -39,10 +46,20 @@ def _pack(args: argparse.Namespace) -> int:
         workers=args.workers,
         skip_bad_rows=args.skip_bad_rows,
         mtl_files=mtl_files or None,
+        test_lists=args.test_list,
+        videos_dir=Path(args.videos) if args.videos else None,
+        frame_counts=Path(args.frame_counts) if args.frame_counts else None,
         shuffle_seed=args.seed,
         overwrite=args.overwrite,
     )
     for name, s in manifest["splits"].items():
+        if s.get("unlabeled"):
+            skipped = f", {s['videos_skipped']} listed videos skipped (no frames)" if s["videos_skipped"] else ""
+            lists = ", ".join(f"{t} {e['videos']} videos" for t, e in s["lists"].items())
+            print(f"{name} (unlabelled): {s['videos']} videos, {s['frames']} frames ({s['frames_without_image']} "
+                  f"without image), {s['samples']} samples in {len(s['shards'])} shards; lists: "
+                  f"{lists}{skipped}")  # fmt: skip
+            continue
         tasks = ", ".join(f"{t} {st['labeled_frames']}" for t, st in s["tasks"].items())
         skipped = f", {s['bad_rows_skipped']} bad rows skipped" if s["bad_rows_skipped"] else ""
         if s.get("bad_images_skipped"):
@@ -50,6 +67,20 @@ def _pack(args: argparse.Namespace) -> int:
         print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['images']} with image), {s['samples']} samples "
               f"in {len(s['shards'])} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
     print(f"wrote {Path(args.out) / 'manifest.json'} ({time.time() - t:.1f}s)")
+    return 0
+
+
+def _check_submission(args: argparse.Namespace) -> int:
+    from mtl.data.submission import check_submission
+
+    problems, rows = check_submission(Path(args.dir), Path(args.shards), args.split)
+    for msg in problems.shown:
+        print(msg, file=sys.stderr)
+    if problems.count:
+        more = f" (first {len(problems.shown)} shown)" if problems.count > len(problems.shown) else ""
+        print(f"mtl submission check: {problems.count} problems{more}; not ready to upload", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: ready to upload ({', '.join(f'{name} {n} rows' for name, n in rows.items())})")
     return 0
 
 
@@ -98,6 +129,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=240, help="about this many frames per video (default 240)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(2, cpus))
+    p.add_argument(
+        "--test-videos",
+        type=int,
+        default=0,
+        help="also a test set: unlabelled videos, their raw videos and the organisers' lists (default 0)",
+    )
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("pack", help="pack an Aff-Wild2 release into WebDataset shards + manifest.json")
@@ -112,10 +149,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip (and count) bad annotation rows, empty files and undecodable images")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the training split's sample order")
+    p.add_argument(
+        "--test-list",
+        action="append",
+        default=[],
+        metavar="[TRACK=]FILE",
+        help="an organisers' test list (repeat per track; track from the file name, e.g. "
+        "Valence_Arousal_Estimation_Challenge_test_set_release.txt, or TRACK=FILE: va, expr, au, "
+        "mtl for the MTL track's list of frames): packed as the unlabelled split 'test'",
+    )
+    p.add_argument("--videos", metavar="DIR", help="raw test videos (any depth): frames per test video")
+    p.add_argument("--frame-counts", metavar="CSV", help="video,frames rows: frames per test video")
     p.add_argument("--overwrite", action="store_true", help="replace a different pack already in --out")
     p.add_argument("--task-plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first: it registers more tasks (as the config's tasks.plugins)")  # fmt: skip
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("submission", help="check ABAW test-set submission files before upload")
+    sc = p.add_subparsers(dest="submission_command", required=True, metavar="ACTION")
+    c = sc.add_parser("check", help="file names, headers, every listed frame once and in order, value ranges")
+    c.add_argument("dir", help="the submission folder (e.g. <run>/eval_test/submission)")
+    c.add_argument("--shards", required=True, help="the pack holding the test lists (`mtl pack --test-list ...`)")
+    c.add_argument("--split", default="test", help="its unlabelled split (default test)")
+    c.set_defaults(func=_check_submission)
 
     p = sub.add_parser("shards", help="inspect packed shards")
     shards = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")

@@ -14,7 +14,12 @@ Layout (paths relative to the data root)::
          "video_frames": {video: frames}, "videos_without_images": [...],
          "bad_rows_skipped", "bad_rows": ["file:line: reason", ...], "skipped_files": [...],
          "bad_images_skipped", "bad_images": ["file: reason", ...]},    # (packs before these fields lack them)
-       "val": {...}},
+       "val": {...},
+       "test": {"unlabeled": true,                 # an unlabelled split (the organisers' test set): no "tasks"
+         "videos", "frames", "images", "frames_without_image", "samples", "shards": [...], "video_frames",
+         "frame_counts_from": {"videos" | "frame_counts" | "crops": videos},
+         "lists": {"va" | "expr" | "au" | "mtl": {"path", "source", "videos", "rows", "sha256"}},
+         "videos_skipped", "skipped_videos": [...]}},
      "unlabeled_videos": [...], "warnings": [...]}
 """
 
@@ -94,6 +99,9 @@ def _check_split(path: Path, name: str, s: Any) -> None:
         need(sum(sf) == sh["frames"], path, f"{sk}.frames", "does not match the sum of sample_frames")
     need(sum(sh["samples"] for sh in shards) == s["samples"], path, f"{key}.samples", "disagrees with the shards")
     need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
+    if s.get("unlabeled", False) is not False:
+        _check_unlabeled(path, key, s)
+        return
     tasks = s.get("tasks")
     need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
     # Every task packed is checked if it is registered here; a task registered after the pack is simply absent.
@@ -113,6 +121,28 @@ def _check_split(path: Path, name: str, s: Any) -> None:
                 f"{tk}.{k}",
                 f"expected {n} non-negative integers",
             )
+
+
+def _check_unlabeled(path: Path, key: str, s: dict) -> None:
+    need(s["unlabeled"] is True, path, f"{key}.unlabeled", "expected true or absent")
+    for k in ("images", "frames_without_image"):
+        need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
+    need(s["images"] + s["frames_without_image"] == s["frames"], path, f"{key}.frames_without_image",
+          "images + frames_without_image should equal frames")  # fmt: skip
+    vf = s.get("video_frames")
+    need(isinstance(vf, dict) and all(is_count(n) and n > 0 for n in vf.values()), path, f"{key}.video_frames",
+          "expected a mapping of video to frame count")  # fmt: skip
+    need(len(vf) == s["videos"] and sum(vf.values()) == s["frames"], path, f"{key}.video_frames",
+          "disagrees with videos / frames")  # fmt: skip
+    lists = s.get("lists")
+    need(isinstance(lists, dict) and bool(lists), path, f"{key}.lists", "expected a non-empty mapping")
+    for track, e in lists.items():
+        lk = f"{key}.lists.{track}"
+        need(isinstance(e, dict), path, lk, "expected a mapping")
+        need(isinstance(e.get("path"), str), path, f"{lk}.path", "expected a string")
+        need(isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64, path, f"{lk}.sha256", "expected a hash")
+        for k in ("videos", "rows"):
+            need(is_count(e.get(k)), path, f"{lk}.{k}", "expected a non-negative integer")
 
 
 def read_manifest(root: str | Path) -> dict:

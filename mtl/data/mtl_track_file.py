@@ -19,6 +19,10 @@ from mtl.errors import DataError
 from mtl.tasks import BadRow, Task, tasks
 
 _IMAGE = re.compile(r"^(?P<video>[^/\\]+)[/\\](?P<frame>\d+)\.jpg$")
+TRACK = "mtl"  # the MTL track's key where tracks are named (``--test-list mtl=FILE``, the pack's test lists)
+# The organisers' test-set list of frames: ``<name>_test_set_release.txt`` for one of these names (as Task.test_lists)
+TEST_LISTS = ("MTL_Challenge", "Multi_Task_Learning_Challenge", "MTL")
+SUBMISSION = "MTL.txt"  # the MTL track's submission file; header ``header()``, rows ``video/NNNNN.jpg,<values>``
 
 
 def track_tasks() -> tuple[Task, ...]:
@@ -27,6 +31,14 @@ def track_tasks() -> tuple[Task, ...]:
 
 def header() -> tuple[str, ...]:
     return ("image", *(h for t in track_tasks() for h in t.mtl_track))
+
+
+def image_frame(text: str) -> tuple[str, int] | None:
+    """``video/NNNNN.jpg`` -> (video, frame), or None when it is not one."""
+    m = _IMAGE.match(text.strip())
+    if not m or int(m["frame"]) < 1:
+        return None
+    return m["video"], int(m["frame"])
 
 
 def parse_mtl_file(path: Path, split: str, log: ParseLog) -> dict[str, VideoLabels]:

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mtl.data import testset
 from mtl.data.jpeg import jpeg_problem
-from mtl.data.labels import MAX_LISTED_BAD_ROWS, ParseLog, SplitLabels
+from mtl.data.labels import MAX_LISTED_BAD_ROWS, ParseLog, SplitLabels, VideoLabels
 from mtl.data.manifest import FORMAT, MANIFEST, file_sha256, write_manifest
 from mtl.data.pool import process_pool
 from mtl.data.shardio import JPEG_MAGIC, encode_sample, label_meta, parse_sample, read_raw, write_shard
@@ -317,14 +318,14 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]
             old = None
         same = old == fingerprint or _unfinished_pack(out, splits)
     else:
-        old_tars = any(any((out / s).glob("*.tar")) for s in ("train", "val", *splits))
+        old_tars = any(any((out / s).glob("*.tar")) for s in ("train", "val", testset.SPLIT, *splits))
         same = not (out / MANIFEST).exists() and not old_tars
     if not same:
         if not overwrite:
             raise DataError(
                 f"{out} holds a pack of other input or parameters; pass --overwrite to replace it, or another --out"
             )
-        for name in ("train", "val", *splits):
+        for name in ("train", "val", testset.SPLIT, *splits):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
         (out / MANIFEST).unlink(missing_ok=True)
@@ -365,6 +366,95 @@ def split_stats(videos: list[PackedVideo]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------ test set
+
+
+@dataclass
+class UnlabelledSplit:
+    """The unlabelled split ``test``: its videos, the organisers' lists, and where each frame count came from."""
+
+    videos: list[PackedVideo]
+    lists: list[testset.TrackList]
+    count_sources: dict[str, str]
+    skipped: list[str]  # listed videos without frames (under skip_bad_rows), as messages
+
+
+def unlabelled_video(name: str, n: int, images: VideoImages) -> PackedVideo:
+    """Frames 1..n of a test video, no labels; a frame without a crop has no image (the model masks it)."""
+    dense = VideoLabels().dense(n)
+    for t in tasks():
+        dense[t.name] = dense[t.name].astype(t.pack_dtype)
+    has_image = np.zeros(n, bool)
+    has_image[images.frames - 1] = True
+    return PackedVideo(name, n, dense, has_image, images, ())
+
+
+def build_test_split(
+    images: Path,
+    test_lists: list[str],
+    videos_dir: Path | None,
+    frame_counts: Path | None,
+    labelled: dict[str, str],
+    log: ParseLog,
+) -> UnlabelledSplit:
+    """Every video of the organisers' lists with its frames folder; one without is an error (skipped and counted
+    under ``skip_bad_rows``); a test video that is also labelled is an error."""
+    lists = testset.read_test_lists(test_lists)
+    listed_in: dict[str, list[str]] = {}
+    highest: dict[str, int] = {}
+    for lst in lists:
+        for v in lst.videos:
+            listed_in.setdefault(v, []).append(lst.source)
+        for v, f in lst.frames:
+            highest[v] = max(highest.get(v, 0), f)
+    found: dict[str, VideoImages] = {}
+    skipped = []
+    for v in sorted(listed_in):
+        if v in labelled:
+            raise DataError(f"{listed_in[v][0]}: test video {v} is also labelled (in the {labelled[v]} split)")
+        img = scan_video(images / v)
+        if img.folder is None or len(img.frames) == 0:
+            what = "no frames folder" if img.folder is None else "an empty frames folder"
+            msg = f"{images / v}: {what} for test video {v} (listed in {', '.join(listed_in[v])})"
+            if not log.skip_bad_rows:
+                raise DataError(f"{msg}; use --skip-bad-rows to skip it (its rows are then missing from submissions)")
+            skipped.append(msg)
+            log.warnings.append(f"{msg}: skipped")
+            continue
+        found[v] = img
+        highest[v] = max(highest.get(v, 0), img.last)
+    if not found:
+        raise DataError(f"{images}: none of the {len(listed_in)} test videos has a frames folder here")
+    counts = testset.frame_counts(list(found), highest, videos_dir, frame_counts, log.warnings)
+    videos = [unlabelled_video(v, counts.counts[v], img) for v, img in found.items()]
+    return UnlabelledSplit(videos, lists, counts.sources, skipped)
+
+
+def unlabelled_manifest_entry(out: Path, test: UnlabelledSplit, labelled_entry: dict) -> dict:
+    """The manifest's entry of the unlabelled split: shards as any split's, no task stats; frames without an image,
+    the lists (copied into the pack) and where the frame counts came from."""
+    frames = sum(v.n for v in test.videos)
+    images = sum(int(v.has_image.sum()) for v in test.videos)
+    video_frames = {v.name: v.n for v in test.videos}
+    sources: dict[str, int] = {}
+    for source in test.count_sources.values():
+        sources[source] = sources.get(source, 0) + 1
+    return {
+        "unlabeled": True,
+        "videos": len(test.videos),
+        "frames": frames,
+        "images": images,
+        "frames_without_image": frames - images,
+        "samples": labelled_entry["samples"],
+        "shards": labelled_entry["shards"],
+        "video_frames": video_frames,
+        "frame_counts_from": dict(sorted(sources.items())),
+        "lists": testset.write_lists(out, test.lists, video_frames),
+        "videos_skipped": len(test.skipped),
+        "skipped_videos": test.skipped,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ entry
 
 
@@ -390,6 +480,9 @@ def pack(
     skip_bad_rows: bool = False,
     *,
     mtl_files: dict[str, Path] | None = None,
+    test_lists: list[str] | None = None,
+    videos_dir: Path | None = None,
+    frame_counts: Path | None = None,
     shuffle_seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -398,6 +491,8 @@ def pack(
 
     ``images``: the ``cropped_aligned`` folder. ``annotations``: the folder holding the ``<Task>_Challenge``
     folders, or None with ``mtl_files={"train": file, "val": file}`` for the MTL track's single-file format.
+    ``test_lists``: the organisers' test lists (``FILE`` or ``TRACK=FILE``), packed as the unlabelled split
+    ``test`` (alone, or beside the labelled splits), frame counts from ``videos_dir`` or ``frame_counts``.
     """
     images, out = Path(images), Path(out)
     for name, value, low in (("segment_len", segment_len, 1), ("shard_size", shard_size, 1), ("workers", workers, 1)):
@@ -406,13 +501,18 @@ def pack(
     if not images.is_dir():
         raise DataError(f"images folder not found: {images}")
     log = ParseLog(skip_bad_rows=skip_bad_rows)
-    labels = _read_labels(annotations, mtl_files, log)
+    labels = _read_labels(annotations, mtl_files, log) if annotations or mtl_files or not test_lists else {}
 
     image_dirs = {e.name for e in os.scandir(images) if e.is_dir()}
     per_split: dict[str, list[PackedVideo]] = {}
     for split, vids in labels.items():
         if vids:
             per_split[split] = [build_video(name, vids[name], scan_video(images / name)) for name in sorted(vids)]
+    test = None
+    if test_lists:
+        labelled = {v.name: split for split, vs in per_split.items() for v in vs}
+        test = build_test_split(images, test_lists, videos_dir, frame_counts, labelled, log)
+        per_split[testset.SPLIT] = test.videos
     if not per_split:
         raise DataError(f"no labelled video found in {annotations or mtl_files}")
     all_videos = [v for vs in per_split.values() for v in vs]
@@ -428,7 +528,7 @@ def pack(
         "shuffle_seed": shuffle_seed,
         "shuffled_splits": ["train"],
         "skip_bad_rows": skip_bad_rows,
-        "source": "abaw" if annotations is not None else "mtl-track",
+        "source": "abaw" if annotations is not None else "mtl-track" if mtl_files else "test-lists",
         "sample_format": "key.json (labels) + key.jpgs (concatenated original JPEGs)",
     }
     fp = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
@@ -477,13 +577,18 @@ def pack(
             "bad_images_skipped": len(bad_images[split]),
             "bad_images": bad_images[split][:MAX_LISTED_BAD_ROWS],
         }
+    if test is not None:
+        splits[testset.SPLIT] = unlabelled_manifest_entry(out, test, splits[testset.SPLIT])
     labelled = {v.name for v in all_videos}
     unlabeled = sorted(image_dirs - labelled)
     inputs = {"images": str(images)}
     if annotations is not None:
         inputs["annotations"] = str(annotations)
-    else:
+    elif mtl_files:
         inputs["mtl_files"] = {k: str(v) for k, v in sorted(mtl_files.items())}
+    if test is not None:
+        inputs["test_lists"] = [lst.source for lst in test.lists]
+        inputs.update({k: str(v) for k, v in (("videos", videos_dir), ("frame_counts", frame_counts)) if v})
     manifest = {
         "format": FORMAT,
         "params": params,

@@ -7,6 +7,11 @@ Layout written under ``out``::
 
 so ``mtl pack --images out/cropped_aligned --annotations out/annotations`` reads it like the real thing.
 
+With ``test_videos``, a test set as the organisers publish it is added (see ``make_test_set``): unlabelled frame
+folders with frames missing at the start, the middle and the end, a tiny raw video per test video
+(``out/videos/<video>.mp4``, 32x32, one for a ``_left`` / ``_right`` pair), and the lists in
+``out/test_set/<Track>_test_set_release.txt`` (each task's track, and the MTL track's list of frames).
+
 The labels are learnable only from face geometry, drawn per frame on a textured background with a per-video skin
 tone, head position, scale and lighting that carry no label information:
 
@@ -35,7 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mtl.data import mtl_track_file
 from mtl.data.pool import process_pool
+from mtl.data.testset import LIST_SUFFIX
 from mtl.errors import DataError
 from mtl.tasks.abaw import AU, EXPR, VA
 
@@ -317,12 +324,106 @@ def render_video(root: str, v: SynthVideo, quality: int) -> int:
     return written
 
 
+# ------------------------------------------------------------------------------------------------ test set
+
+
+@dataclass
+class SynthTestVideo:
+    video: SynthVideo  # unlabelled: its labels only shape the drawn faces
+    raw: str  # the raw video's name (shared by a _left / _right pair)
+
+
+def plan_test_videos(count: int, frames: int, seed: int) -> list[SynthTestVideo]:
+    """Test videos (a ``_left`` / ``_right`` pair among them from 3 on); each lacks crops at its first 2 frames, a
+    run in the middle and its last 3 frames (a submission still needs their rows)."""
+    rng = np.random.default_rng([seed, 0x7E57])
+    out: list[SynthTestVideo] = []
+    k = 0
+    while len(out) < count:
+        base = f"{500 + k}-30-640x360"
+        names = [f"{base}_left", f"{base}_right"] if k == 1 and count - len(out) >= 2 else [base]
+        n = max(16, int(round(frames * rng.uniform(0.7, 1.3))))
+        for name in names:
+            vseed = int(rng.integers(1 << 31))
+            vr = np.random.default_rng(vseed)
+            va = np.round(np.stack([smooth_walk(vr, n), smooth_walk(vr, n)], 1), 4)
+            expr = piecewise(vr, n, 18, 50, class_deck(vr))
+            au = np.stack([au_track(vr, n) for _ in range(NUM_AU)], 1)
+            mid = int(vr.integers(4, n - 8))
+            missing = np.array(sorted({0, 1, mid, mid + 1, mid + 2, n - 3, n - 2, n - 1}), np.int64)
+            v = SynthVideo(name, "test", n, vseed, (), va, expr, au, label_rows=0, missing=missing)
+            out.append(SynthTestVideo(v, base))
+        k += 1
+    return out[:count]
+
+
+def write_raw_video(path: Path, n: int, seed: int) -> None:
+    """A tiny stand-in for the original video: n frames of 32x32 (only its frame count matters here)."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for _ in range(n):
+            rgb = np.repeat(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 4, 0).repeat(4, 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_test_lists(folder: Path, test: list[SynthTestVideo]) -> dict[str, Path]:
+    """The organisers' lists under their file names: VA lists every test video (not in name order), EXPR all but
+    the last, AU all but the first; the MTL track lists every other frame of two videos (one frame without a crop
+    among them), the second video's first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [t.video.name for t in test][::-1]
+    chosen = {VA.name: names, EXPR.name: names[:-1] or names, AU.name: names[1:] or names}
+    out = {}
+    for task in TASKS:
+        path = folder / f"{task.test_lists[0]}{LIST_SUFFIX}.txt"
+        path.write_text("\n".join(chosen[task.name]) + "\n")
+        out[task.name] = path
+    rows = ["image"]
+    for t in test[:2][::-1]:
+        frames = [f for f in range(2, t.video.n + 1, 2)] + [1]
+        rows += [f"{t.video.name}/{f:05d}.jpg" for f in sorted(frames)]
+    path = folder / f"{mtl_track_file.TEST_LISTS[0]}{LIST_SUFFIX}.txt"
+    path.write_text("\n".join(rows) + "\n")
+    out[mtl_track_file.TRACK] = path
+    return out
+
+
+def make_test_set(out: Path, count: int, frames: int, seed: int) -> list[SynthTestVideo]:
+    """Lists and raw videos of ``count`` test videos under ``out`` (their frames are rendered with the others)."""
+    test = plan_test_videos(count, frames, seed)
+    for d in (out / "videos", out / "test_set"):
+        if d.exists():
+            shutil.rmtree(d)
+    for t in test:
+        if not (out / "videos" / f"{t.raw}.mp4").exists():
+            write_raw_video(out / "videos" / f"{t.raw}.mp4", t.video.n, t.video.seed)
+    write_test_lists(out / "test_set", test)
+    return test
+
+
 def make_synth(
-    out: Path, videos: int = 22, frames: int = 240, seed: int = 0, workers: int | None = None, quality: int = 90
+    out: Path,
+    videos: int = 22,
+    frames: int = 240,
+    seed: int = 0,
+    workers: int | None = None,
+    quality: int = 90,
+    test_videos: int = 0,
 ) -> Path:
     """Write the synthetic release under ``out`` and return ``out`` (images in ``out/cropped_aligned``, labels in
     ``out/annotations``). ``videos`` labelled video folders (~27% in the validation split, a ``_left``/``_right``
-    pair counting as two) of about ``frames`` frames each, plus one folder of images without labels."""
+    pair counting as two) of about ``frames`` frames each, plus one folder of images without labels, and
+    ``test_videos`` test videos (``make_test_set``)."""
     if videos < 2 or frames < 16:
         raise DataError(f"synth needs at least 2 videos of 16 frames, got videos={videos}, frames={frames}")
     out = Path(out)
@@ -330,6 +431,7 @@ def make_synth(
     for d in (images, annotations):
         if d.exists():
             shutil.rmtree(d)
+    test = make_test_set(out, test_videos, frames, seed) if test_videos else []
     plan = plan_videos(videos, frames, seed)
     for v in plan:
         write_annotations(annotations, v)
@@ -339,7 +441,7 @@ def make_synth(
     extra_rng = np.random.default_rng([seed, 0xE7])
     extra = SynthVideo("999-25-480x270", "none", 24, int(extra_rng.integers(1 << 31)), (),
                        np.zeros((24, 2)), np.zeros(24, np.int64), np.zeros((24, NUM_AU), np.int64), 0)  # fmt: skip
-    jobs = [*plan, extra]
+    jobs = [*plan, extra, *(t.video for t in test)]
     workers = workers or min(2, os.cpu_count() or 1)
     if workers <= 1:
         for v in jobs:

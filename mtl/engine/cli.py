@@ -39,7 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
     from mtl.metrics import summary_line
 
     scores = run_eval(args.checkpoint, args.split, args.out, args.overrides)
-    print(summary_line(scores))
+    if scores:  # an unlabelled split (the test set) has none
+        print(summary_line(scores))
     return 0
 
 
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="evaluate a trained run on one process; write predictions and ABAW files")
     p.add_argument("--checkpoint", type=Path, required=True, help="run dir, checkpoint tag dir or .safetensors")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="a packed split; on the unlabelled 'test': the submission files")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: <checkpoint>/eval_<split>)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. data.shards=DIR")
     p.set_defaults(func=_eval)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mtl.data.submission import image_name, track_format
+from mtl.data.testset import TrackList, expected_rows
 from mtl.metrics import ABAWMetrics
 from mtl.tasks import tasks
 
@@ -105,3 +107,37 @@ def write_submission(
             f.writelines(f"{img},{row}\n" for img, row in zip(images, rows))
         written.append(path)
     return written
+
+
+def write_test_submission(
+    preds: FramePredictions,
+    lists: list[TrackList],
+    video_frames: dict[str, int],
+    out_dir: Path,
+    thresholds: dict[str, np.ndarray] | None = None,
+) -> list[str]:
+    """The organisers' files of an unlabelled split, one per packed test list, rows in the list's order (see
+    `mtl.data.submission`). Returns what could not be written (rows of videos skipped by the pack)."""
+    arrays, thresholds = preds.arrays(), thresholds or {}
+    index = {vf: i for i, vf in enumerate(zip(preds.video, preds.frame))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gaps = []
+    for lst in lists:
+        fmt = track_format(lst.track)
+        path = out_dir / fmt.file
+        absent = 0
+        with open(path, "w") as f:
+            f.write(fmt.header + "\n")
+            for video, frame in expected_rows(lst, video_frames):
+                i = index.get((video, frame))
+                if i is None:
+                    absent += 1
+                    continue
+                cells = ",".join(t.submission_cells(arrays[t.name][i], thresholds.get(t.name)) for t in fmt.tasks)
+                f.write(f"{image_name(video, frame)},{cells}\n")
+        skipped = [v for v in lst.videos if v not in video_frames]
+        if skipped:
+            gaps.append(f"{path}: no rows for the videos skipped by `mtl pack`: {', '.join(skipped)}")
+        elif absent:
+            gaps.append(f"{path}: no prediction for {absent} listed frames")
+    return gaps

@@ -2,7 +2,9 @@
 
 What it writes (predictions, submission files, thresholds, metrics) is also logged to the MLflow run that trained
 the weights, under ``eval/<split>/<best|last|checkpoint tag>/``, when that run is reachable.
-"""
+
+On an unlabelled split (the organisers' test set, packed from their lists) there is nothing to score: it writes
+the per-frame predictions and the submission files in the organisers' order instead."""
 
 from __future__ import annotations
 
@@ -10,38 +12,69 @@ import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mtl.data.loader import make_eval_loader
-from mtl.engine.evaluate import TUNED_SUBMISSION, evaluate, write_predictions, write_submission
+from mtl.data.manifest import read_manifest, split_entry
+from mtl.data.testset import load_lists
+from mtl.engine.evaluate import (
+    TUNED_SUBMISSION,
+    FramePredictions,
+    evaluate,
+    write_predictions,
+    write_submission,
+    write_test_submission,
+)
 from mtl.engine.layout import Checkpoint, eval_dir, resolve_trained
 from mtl.engine.model_io import forward
 from mtl.engine.trained import load_model
+from mtl.errors import MtlError
 
 THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresholds tuned on the split evaluated
 
 
+def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | None]:
+    """Thresholds `mtl eval --split val` tuned on this run's validation split, where it has run."""
+    for path in (eval_dir(checkpoint, "val") / THRESHOLDS_FILE, Path(checkpoint) / "eval_val" / THRESHOLDS_FILE):
+        if path.is_file():
+            try:
+                return {k: np.asarray(v, dtype=float) for k, v in json.loads(path.read_text()).items()}, path
+            except (ValueError, AttributeError) as exc:
+                raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
+    return {}, None
+
+
 def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:
+    """Metrics of a labelled split ({} for an unlabelled one); files under ``out_dir``."""
     trained = load_model(checkpoint, overrides)
+    root = Path(trained.cfg.data.shards)
+    entry = split_entry(read_manifest(root), split, root)
     mean, std = trained.norm
     loader = make_eval_loader(trained.cfg.data, split, mean=mean, std=std, rank=0, world_size=1)
     metrics, preds = evaluate(
         partial(forward, trained.model), loader, torch.device("cpu"), collect=True, progress=True, desc=f"eval {split}"
     )
-    scores = metrics.compute()
     out_dir = out_dir or eval_dir(checkpoint, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     assert preds is not None
     write_predictions(preds, out_dir / "predictions.csv")
-    write_submission(preds, out_dir / "submission")
-    thresholds = metrics.thresholds()
-    write_submission(preds, out_dir / TUNED_SUBMISSION, thresholds=thresholds)
-    (out_dir / THRESHOLDS_FILE).write_text(json.dumps({k: v.tolist() for k, v in thresholds.items()}, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
-    print(f"predictions, metrics and ABAW submission files written to {out_dir}")
+    if entry.get("unlabeled"):
+        _write_test(checkpoint, root, split, entry, preds, out_dir)
+        scores: dict[str, float] = {}
+        tuned = [TUNED_SUBMISSION] if (out_dir / TUNED_SUBMISSION).is_dir() else []
+        written = ["predictions.csv", "submission", *tuned]
+    else:
+        scores = metrics.compute()
+        write_submission(preds, out_dir / "submission")
+        thresholds = metrics.thresholds()
+        write_submission(preds, out_dir / TUNED_SUBMISSION, thresholds=thresholds)
+        (out_dir / THRESHOLDS_FILE).write_text(json.dumps({k: v.tolist() for k, v in thresholds.items()}, indent=2))
+        (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
+        print(f"predictions, metrics and ABAW submission files written to {out_dir}")
+        written = ["predictions.csv", "submission", TUNED_SUBMISSION, THRESHOLDS_FILE, "metrics.json"]
     from mtl.tracking.runs import attach  # here: `mtl predict` imports this module and needs no MLflow
 
-    written = ["predictions.csv", "submission", TUNED_SUBMISSION, THRESHOLDS_FILE, "metrics.json"]
     where = f"eval/{split}/{_label(checkpoint)}"
     print(attach(trained.cfg.tracking, [out_dir / n for n in written], where), flush=True)
     return scores
@@ -51,3 +84,20 @@ def _label(checkpoint: Path) -> str:
     """What was evaluated, as MLflow artifact folders name it: ``best`` / ``last`` (exports) or a checkpoint tag."""
     source = resolve_trained(checkpoint)
     return source.tag if isinstance(source, Checkpoint) else source.stem
+
+
+def _write_test(checkpoint: Path, root: Path, split: str, entry: dict, preds: FramePredictions, out: Path) -> None:
+    """Submission files at 0.5 (``submission/``) and, where `mtl eval --split val` tuned thresholds for this run,
+    with those (``submission_tuned_au/``)."""
+    lists = load_lists(root, entry)
+    gaps = write_test_submission(preds, lists, entry["video_frames"], out / "submission")
+    thresholds, source = tuned_thresholds(checkpoint)
+    if thresholds:
+        write_test_submission(preds, lists, entry["video_frames"], out / TUNED_SUBMISSION, thresholds=thresholds)
+    for gap in gaps:
+        print(f"mtl eval: warning: {gap}")
+    tuned = f"; with the thresholds of {source} in {out / TUNED_SUBMISSION}" if source else ""
+    print(f"split {split!r} is unlabelled: no metrics. Predictions of its {entry['frames']} frames "
+          f"({entry['frames_without_image']} without a crop) in {out / 'predictions.csv'}; submission files for "
+          f"{', '.join(lst.track for lst in lists)} in {out / 'submission'}{tuned}")  # fmt: skip
+    print(f"check them before upload: mtl submission check {out / 'submission'} --shards {root} --split {split}")

@@ -4,7 +4,6 @@ ran on this run, else 0.5)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import torch
 
 from mtl.config import Config
-from mtl.engine.layout import eval_dir
-from mtl.engine.offline_eval import THRESHOLDS_FILE
+from mtl.engine.offline_eval import tuned_thresholds
 from mtl.engine.trained import load_model
 from mtl.errors import MtlError
 from mtl.model.network import MultiTaskNet
@@ -47,17 +45,6 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise MtlError(f"--device: {exc}") from None
-
-
-def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | None]:
-    """Thresholds `mtl eval --split val` tuned on this run's validation split, where it has run."""
-    for path in (eval_dir(checkpoint, "val") / THRESHOLDS_FILE, Path(checkpoint) / "eval_val" / THRESHOLDS_FILE):
-        if path.is_file():
-            try:
-                return {k: np.asarray(v, dtype=float) for k, v in json.loads(path.read_text()).items()}, path
-            except (ValueError, AttributeError) as exc:
-                raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
-    return {}, None
 
 
 def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:

@@ -16,6 +16,7 @@ VA = register(
         folders=("VA_Estimation_Challenge",),
         submission="VA.txt",
         mtl_track=("valence", "arousal"),
+        test_lists=("Valence_Arousal_Estimation_Challenge", "VA_Estimation_Challenge", "VA"),
         low=-1.0,
         high=1.0,
         invalid=-5.0,
@@ -29,6 +30,13 @@ EXPR = register(
         folders=("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),  # the second: an older release
         submission="EXPR.txt",
         mtl_track=("expression",),
+        test_lists=(
+            "Expression_Recognition_Challenge",
+            "Expression_Classification_Challenge",
+            "EXPR_Recognition_Challenge",
+            "EXPR_Classification_Challenge",
+            "EXPR",
+        ),
         header_aliases=(EXPR_NAMES[:7],),  # the older release has 7 classes (no "Other"); codes 0..6 mean the same
         prediction="expression",
         invalid=-1,
@@ -43,6 +51,7 @@ AU = register(
         folders=("AU_Detection_Challenge",),
         submission="AU.txt",
         mtl_track=("aus",),
+        test_lists=("Action_Unit_Detection_Challenge", "AU_Detection_Challenge", "AU"),
         invalid=-1,
         alpha_key="au_alpha",
     )

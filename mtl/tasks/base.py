@@ -59,6 +59,9 @@ class Task:
     submission: str  # test-submission file name ("VA.txt"); header ``image_location,<columns>``
     mtl_track: tuple[str, ...] = ()  # this task's header fields in the MTL-track file; () if not in that file
     header_aliases: tuple[tuple[str, ...], ...] = ()  # other accepted headers (an older release's)
+    # The organisers' test-set list of this task's track, named ``<name>_test_set_release.txt`` for one of these
+    # names (matched ignoring case and - vs _; first: the usual). () : given only as ``<task>=FILE``.
+    test_lists: tuple[str, ...] = ()
 
     kind: ClassVar[str] = ""
     file_dtype: ClassVar[type] = np.float64  # label values as parsed
@@ -102,6 +105,11 @@ class Task:
 
     def format_row(self, values: Any, valid: bool) -> str:
         """One frame as a row of its annotation file (the inverse of ``parse_row``; synthetic data writes it)."""
+        raise NotImplementedError
+
+    def check_submission(self, fields: list[str]) -> None:
+        """One frame's values in a test submission (``submission_cells``); raise BadRow naming what is wrong. Unlike
+        annotation rows, no invalid code: every frame needs a prediction in range."""
         raise NotImplementedError
 
     def label_problem(self, values: np.ndarray) -> str | None:

@@ -44,6 +44,12 @@ class Regression(Task):
             return ",".join([f"{self.invalid:g}"] * self.width)
         return ",".join(f"{float(x):.4f}" for x in values)
 
+    def check_submission(self, fields: list[str]) -> None:
+        for f, name in zip(fields, self.columns):
+            x = number(f, name)
+            if not self.low <= x <= self.high:
+                raise BadRow(f"{name} {x:g} is outside [{self.low:g}, {self.high:g}]")
+
     def prediction_header(self) -> list[str]:
         return list(self.columns)
 
@@ -100,6 +106,11 @@ class SingleLabel(Task):
 
     def format_row(self, values: Any, valid: bool) -> str:
         return str(int(values)) if valid else str(self.invalid)
+
+    def check_submission(self, fields: list[str]) -> None:
+        e = integer(fields[0], self.prediction)
+        if not 0 <= e < self.width:
+            raise BadRow(f"{self.prediction} {e} is not a class 0..{self.width - 1}")
 
     def label_problem(self, values: np.ndarray) -> str | None:
         if (values < 0).any() or (values >= self.width).any():
@@ -164,6 +175,11 @@ class MultiLabel(Task):
         if not valid:
             return ",".join([str(self.invalid)] * self.width)
         return ",".join(str(int(x)) for x in values)
+
+    def check_submission(self, fields: list[str]) -> None:
+        for f, name in zip(fields, self.columns):
+            if integer(f, name) not in (0, 1):
+                raise BadRow(f"{name} {f.strip()} is not 0 or 1")
 
     def count_fields(self) -> dict[str, int]:
         return {"positive_counts": self.width}
