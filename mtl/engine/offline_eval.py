@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from mtl.data.loader import make_eval_loader
 from mtl.engine.evaluate import TUNED_SUBMISSION, evaluate, write_predictions, write_submission
 from mtl.engine.layout import eval_dir
 from mtl.engine.model_io import forward
@@ -19,8 +18,7 @@ THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresh
 
 def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:
     trained = load_model(checkpoint, overrides)
-    mean, std = trained.norm
-    loader = make_eval_loader(trained.cfg.data, split, mean=mean, std=std, rank=0, world_size=1)
+    loader = trained.source.eval_loader(split, rank=0, world_size=1)
     metrics, preds = evaluate(
         partial(forward, trained.model), loader, torch.device("cpu"), collect=True, progress=True, desc=f"eval {split}"
     )
