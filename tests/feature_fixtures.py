@@ -91,9 +91,16 @@ def make_features(
     manifest = {
         "format": FORMAT,
         "source": {"shards": str(shards), "manifest_sha256": file_sha256(shards / MANIFEST)},
-        "extractor": {"backbone": cfg.backbone, "weights_sha256": weights.hexdigest(), "checkpoint": None,
-                      "pool": pool, "image_size": image_size, "mean": list(norm["mean"]), "std": list(norm["std"]),
-                      "hflip_tta": False},  # fmt: skip
+        "extractor": {
+            "backbone": cfg.backbone,
+            "weights_sha256": weights.hexdigest(),
+            "checkpoint": None,
+            "pool": pool,
+            "image_size": image_size,
+            "mean": list(norm["mean"]),
+            "std": list(norm["std"]),
+            "hflip_tta": False,
+        },  # fmt: skip
         "dim": encoder.num_features,
         "dtype": dtype,
         "splits": splits,
