@@ -74,8 +74,19 @@ class AugmentConfig(_Section):
     contrast: Float = Field(0.2, ge=0, le=1)
 
 
+class FeatureAugmentConfig(_Section):
+    """Training on cached features only (evaluation reads them as stored)."""
+
+    dropout: Float = Field(0.0, ge=0, le=1)  # each feature element zeroed with this probability (rest rescaled)
+    jitter: Int = Field(0, ge=0)  # each frame reads the feature of a frame up to this far away (labels stay)
+
+
 class DataConfig(_Section):
     shards: Str = "shards/synth"  # a directory holding manifest.json, as written by `mtl pack`
+    # directories written by `mtl features` from data.shards: when set, the trunk and heads train on these cached
+    # frame features (concatenated per frame, in this order) instead of on pixels; no backbone is built
+    features: list[Str] = Field(default_factory=list)
+    feature_augment: FeatureAugmentConfig = Field(default_factory=FeatureAugmentConfig)
     train_split: Str = "train"
     val_split: Str = "val"
     clip_len: Int = Field(16, ge=1)  # T, frames per training clip
@@ -222,6 +233,8 @@ def _cross_checks(cfg: Config) -> None:
     lo, hi = cfg.data.augment.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.augment.crop_scale: expected 0 < low <= high <= 1, got {[lo, hi]}")
+    if cfg.data.feature_augment.dropout >= 1:
+        raise ConfigError(f"data.feature_augment.dropout: expected a value < 1, got {cfg.data.feature_augment.dropout}")
     if cfg.model.temporal.dim % cfg.model.temporal.heads:
         raise ConfigError(
             f"model.temporal.dim ({cfg.model.temporal.dim}) must be divisible by model.temporal.heads "

@@ -19,7 +19,8 @@ def input_norm(data: DataConfig, model: Any) -> Norm:
 
 
 def forward(module: Any, batch: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The network (or the DeepSpeed engine around it) on one batch: frames in the compute dtype, outputs in
-    fp32 for the losses and metrics."""
-    out = module(batch["frames"].to(dtype), batch["has_image"], batch["pad"])
+    """The network (or the DeepSpeed engine around it) on one batch: frames (or cached ``features``) in the
+    compute dtype, outputs in fp32 for the losses and metrics."""
+    x = batch["features"] if "features" in batch else batch["frames"]
+    out = module(x.to(dtype), batch["has_image"], batch["pad"])
     return {k: v.float() for k, v in out.items()}

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtl.data.loader import make_eval_loader
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.testset import load_lists
 from mtl.engine.evaluate import (
@@ -50,8 +49,7 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
     trained = load_model(checkpoint, overrides)
     root = Path(trained.cfg.data.shards)
     entry = split_entry(read_manifest(root), split, root)
-    mean, std = trained.norm
-    loader = make_eval_loader(trained.cfg.data, split, mean=mean, std=std, rank=0, world_size=1)
+    loader = trained.source.eval_loader(split, rank=0, world_size=1)
     metrics, preds = evaluate(
         partial(forward, trained.model), loader, torch.device("cpu"), collect=True, progress=True, desc=f"eval {split}"
     )

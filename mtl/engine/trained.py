@@ -15,10 +15,11 @@ import torch
 
 from mtl.config import Config, deep_merge, from_dict, parse_overrides
 from mtl.engine.export import consolidate, load_weights
+from mtl.engine.inputs import DataSource
 from mtl.engine.layout import Checkpoint, resolve_trained, trained_run_id
-from mtl.engine.model_io import Norm, input_norm
+from mtl.engine.model_io import Norm
 from mtl.errors import MtlError
-from mtl.model import MultiTaskNet, build_model
+from mtl.model import MultiTaskNet
 
 
 def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -41,14 +42,16 @@ def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 class TrainedModel:
     model: MultiTaskNet  # in eval mode, on the CPU
     cfg: Config  # the run's config with the caller's overrides (e.g. data.shards=...)
-    norm: Norm  # (mean, std) the loaders normalise with
+    norm: Norm | None  # (mean, std) the loaders normalise with; None for a network trained on cached features
+    source: DataSource  # where its evaluation batches come from (pixels or the features it trained on)
 
 
 def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
     """The trained network rebuilt from its own config, weights loaded strictly enough to catch a mismatch."""
     weights, config = load_trained(path)
     cfg = from_dict(deep_merge(config, parse_overrides(overrides or [])))
-    model = build_model(cfg.model, image_size=cfg.data.image_size)
+    source = DataSource(cfg)
+    model = source.build_model()
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes differ: an override changed the architecture
@@ -57,4 +60,4 @@ def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
     if missing or unexpected:
         raise MtlError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
-    return TrainedModel(model, cfg, input_norm(cfg.data, model))
+    return TrainedModel(model, cfg, source.norm, source)

@@ -23,18 +23,16 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
-from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.evaluate import evaluate, to_device
 from mtl.engine.export import consolidate, save_weights
+from mtl.engine.inputs import DataSource
 from mtl.engine.layout import EXPORTS, Checkpoint, RunDir, resume_point, tag_for
-from mtl.engine.model_io import input_norm
 from mtl.engine.preemption import StopFlag
 from mtl.engine.step import build_engine
 from mtl.errors import MtlError
-from mtl.model import build_model
 from mtl.objectives import MultiTaskLoss
 from mtl.tracking.inputs import shard_datasets
 from mtl.tracking.mlflow_run import Tracker
@@ -108,8 +106,10 @@ class Trainer:
         if cfg.data.train_split not in splits:
             raise MtlError(f"data.train_split={cfg.data.train_split!r} is not in {cfg.data.shards} ({list(splits)})")
 
-        model = build_model(cfg.model, image_size=cfg.data.image_size)
-        self.mean, self.std = input_norm(cfg.data, model)
+        self.source = DataSource(cfg)  # pixels or cached features; their inputs checked before any model exists
+        if self.source.uses_features:
+            self.source.split(cfg.data.train_split)
+        model = self.source.build_model()
         self.loss_fn = MultiTaskLoss(cfg.loss, splits[cfg.data.train_split]["tasks"])
         self.engine = build_engine(model, cfg, self.env.world_size, self.env.device)
         self.state = ckpt.TrainState(config=to_dict(cfg))
@@ -164,7 +164,7 @@ class Trainer:
             tags["resumed_from"] = self.resumed_from
         tracker.set_tags(tags)
         if not tracker.resumed:
-            tracker.log_params(flatten(self.cfg))
+            tracker.log_params({**flatten(self.cfg), **self.source.params()})
             dump_yaml(self.cfg, self.out / "config.yaml")
             (self.out / "ds_config.json").write_text(json.dumps(self.engine.ds_config, indent=2))
             tracker.log_artifact(self.out / "config.yaml")
@@ -182,10 +182,7 @@ class Trainer:
     def _epoch(self) -> Iterable[dict]:
         """This rank's batches of the current epoch, from where the state says it stopped."""
         c = self.cfg
-        loader = make_train_loader(
-            c.data,
-            mean=self.mean,
-            std=self.std,
+        loader = self.source.train_loader(
             rank=self.env.rank,
             world_size=self.env.world_size,
             epoch=self.state.epoch,
@@ -209,7 +206,7 @@ class Trainer:
             return False
         self.bad_streak = 0
         stepped = self.engine.step()
-        frames = batch["frames"].shape[0] * batch["frames"].shape[1] * self.env.world_size
+        frames = batch["pad"].shape[0] * batch["pad"].shape[1] * self.env.world_size
         self.window.add(*done, frames=int(frames))
         if stepped:
             self.state.step += 1
@@ -245,10 +242,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Scores on the validation split (every rank takes part), logged with their plots."""
-        loader = make_eval_loader(
-            self.cfg.data, self.cfg.data.val_split, mean=self.mean, std=self.std,
-            rank=self.env.rank, world_size=self.env.world_size,
-        )  # fmt: skip
+        loader = self.source.eval_loader(self.cfg.data.val_split, rank=self.env.rank, world_size=self.env.world_size)
         self.engine.ds.eval()
         metrics, _ = evaluate(self.engine.forward, loader, self.env.device, progress=self._show_progress,
                               desc="validate")  # fmt: skip

@@ -32,7 +32,7 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
         resume = _abs(resume, base)
     return replace(
         cfg,
-        data=replace(cfg.data, shards=_abs(cfg.data.shards, base)),
+        data=replace(cfg.data, shards=_abs(cfg.data.shards, base), features=[_abs(f, base) for f in cfg.data.features]),
         model=replace(cfg.model, pretrained_file=_abs(cfg.model.pretrained_file, base)),
         train=replace(cfg.train, output_dir=_abs(cfg.train.output_dir, base), resume=resume),
         tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking)),
@@ -41,10 +41,15 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
 
 
 def check_inputs(cfg: Config) -> None:
-    """The files the job opens first exist, and the backbone is one timm knows (a typo fails here, not in 3 h)."""
+    """The files the job opens first exist (cached features: made from data.shards), and the backbone is one timm
+    knows (a typo fails here, not in 3 h)."""
     manifest = Path(cfg.data.shards) / "manifest.json"
     if not manifest.is_file():
         raise MtlError(f"data.shards={cfg.data.shards}: no manifest.json there (pack the data with `mtl pack`)")
+    if cfg.data.features:  # manifests only: made from data.shards (the shards are checked when the job reads them)
+        from mtl.features.loader import check_sources
+
+        check_sources(cfg.data.features, cfg.data.shards)
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
         raise MtlError(f"model.pretrained_file={cfg.model.pretrained_file}: file not found")
     resume_point(cfg.train.resume, RunDir(Path(cfg.train.output_dir)))  # what the job would resume from

@@ -1,4 +1,8 @@
-"""The whole network: frames -> ViT per frame -> masking -> temporal Transformer -> one head per task per frame."""
+"""The whole network: frames -> ViT per frame -> masking -> temporal Transformer -> one head per task per frame.
+
+Trained on cached features (two-stage recipe), it has no backbone: the features [B,T,D] enter the masking
+directly, and the trunk's input projection maps D to its width.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 from torch import nn
 
 from mtl.config import ModelConfig
+from mtl.errors import MtlError
 from mtl.model.backbone import FrameEncoder, create_backbone
 from mtl.model.heads import TaskHeads
 from mtl.model.masking import FrameMasker
@@ -13,15 +18,24 @@ from mtl.model.temporal import TemporalEncoder
 
 
 class MultiTaskNet(nn.Module):
-    """``net(frames [B,T,3,H,W], has_image [B,T], pad [B,T]) -> {task: [B,T,width]}`` ("va", "expr", "au", ...)."""
+    """``net(frames [B,T,3,H,W], has_image [B,T], pad [B,T]) -> {task: [B,T,width]}`` ("va", "expr", "au", ...).
 
-    def __init__(self, encoder: FrameEncoder, cfg: ModelConfig) -> None:
+    Without an encoder (``feature_dim`` given instead) the first input is frame features [B,T,feature_dim].
+    """
+
+    def __init__(self, encoder: FrameEncoder | None, cfg: ModelConfig, feature_dim: int | None = None) -> None:
         super().__init__()
+        if (encoder is None) == (feature_dim is None):
+            raise ValueError("MultiTaskNet needs a frame encoder or a feature_dim, not both")
         self.encoder = encoder
-        self.masker = FrameMasker(encoder.num_features, cfg.mask.mode, cfg.mask.prob)
-        self.temporal = TemporalEncoder(encoder.num_features, cfg.temporal)
+        in_dim = encoder.num_features if encoder is not None else int(feature_dim)
+        self.feature_dim = feature_dim
+        self.masker = FrameMasker(in_dim, cfg.mask.mode, cfg.mask.prob)
+        self.temporal = TemporalEncoder(in_dim, cfg.temporal)
         self.heads = TaskHeads(cfg.temporal.dim)
-        self.frozen_backbone = cfg.freeze_backbone
+        self.frozen_backbone = cfg.freeze_backbone and encoder is not None
+        if encoder is None:
+            return
         if cfg.freeze_backbone:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
@@ -57,16 +71,21 @@ class MultiTaskNet(nn.Module):
 
     def forward(self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> dict[str, torch.Tensor]:
         has_image = has_image & ~pad
-        feats = self.encode_frames(frames, has_image, pad)
+        feats = frames if self.encoder is None else self.encode_frames(frames, has_image, pad)
         seq = self.masker(feats, has_image)
         return self.heads(self.temporal(seq, pad))
 
     def data_config(self) -> dict[str, tuple[float, float, float]]:
         """The backbone's input normalisation, for the loaders."""
+        if self.encoder is None:
+            raise MtlError("this network was trained on cached features: it has no backbone and reads no images")
         return self.encoder.data_config()
 
 
-def build_model(cfg: ModelConfig, image_size: int = 112) -> MultiTaskNet:
-    """The network described by ``cfg`` (``model`` section) for square ``image_size`` frames."""
+def build_model(cfg: ModelConfig, image_size: int = 112, feature_dim: int | None = None) -> MultiTaskNet:
+    """The network described by ``cfg`` (``model`` section) for square ``image_size`` frames, or, given
+    ``feature_dim``, for cached frame features of that width (no backbone)."""
+    if feature_dim is not None:
+        return MultiTaskNet(None, cfg, feature_dim)
     backbone = create_backbone(cfg, image_size)
     return MultiTaskNet(FrameEncoder(backbone, cfg.pool), cfg)

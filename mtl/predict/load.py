@@ -50,6 +50,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:
     """The run as ``mtl eval`` loads it (run dir, checkpoint tag dir or .safetensors), on ``device``."""
     trained = load_model(Path(checkpoint))
+    if trained.norm is None:
+        raise MtlError(f"{checkpoint}: trained on cached features (data.features), so it has no backbone to read "
+                       f"video frames with; predict with a run trained on pixels")  # fmt: skip
     model = trained.model.to(device)
     mean, std = trained.norm
     heads = tuple(t for t in tasks() if t.name in model.heads.keys())

@@ -1,0 +1,327 @@
+"""Training and evaluation batches from cached frame features (`mtl features`), for the two-stage recipe.
+
+Several extractions (directories with a ``manifest.json`` in the format of ``mtl.features.shards``) are read and
+concatenated per frame. They must come from the same source shards as ``data.shards`` (the sha256 of the source
+manifest, recorded at extraction) and agree on every video's frames; a damaged shard (size or sha256 other than its
+manifest says, or unreadable) is named. A split's features are held in memory (a frame's feature is a few hundred
+bytes), so a batch is a few array copies: no decoding, no backbone, no worker processes.
+
+Batches follow the pixel loaders' contract (``mtl.data.loader``) with ``features`` f32 [B,T,D] in place of
+``frames``. Training: an epoch tiles every video into windows of ``clip_len`` frames at a random shift, shuffles
+all windows with a seed every rank shares, and cuts them into equal contiguous pieces, one per rank (so all ranks
+run the same number of steps; a remainder of fewer than ranks x batch windows is left out that epoch). Each window
+draws its augmentation (feature dropout, temporal jitter) from a seed of (seed, epoch, window), so a resumed epoch
+repeats the same batches. Evaluation: every frame exactly once, in order, as ``plan_eval`` cuts pixel clips.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl.data.loader import _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
+from mtl.data.manifest import MANIFEST, file_sha256
+from mtl.errors import DataError
+from mtl.features.shards import FORMAT, FeatureSample, read_feature_shard
+
+EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
+
+# ------------------------------------------------------------------------------------------------ manifests
+
+
+def _need(cond: bool, path: Path, key: str, what: str) -> None:
+    if not cond:
+        raise DataError(f"{path}: {key}: {what}")
+
+
+def read_feature_manifest(root: str | Path) -> dict:
+    """The checked manifest of one extraction; DataError naming the file and key when missing or bad."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: not found; is {root} a directory written by `mtl features`?")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    _need(isinstance(m, dict), path, "top level", "expected a mapping")
+    _need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
+    src = m.get("source")
+    _need(isinstance(src, dict) and isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256",
+          "expected the sha256 of the source manifest")  # fmt: skip
+    _need(isinstance(m.get("extractor"), dict), path, "extractor", "expected a mapping")
+    _need(isinstance(m.get("dim"), int) and m["dim"] > 0, path, "dim", "expected a positive integer")
+    splits = m.get("splits")
+    _need(isinstance(splits, dict), path, "splits", "expected a mapping")
+    for name, s in splits.items():
+        _need(isinstance(s, dict) and isinstance(s.get("shards"), list), path, f"splits.{name}.shards",
+              "expected a list")  # fmt: skip
+        for i, sh in enumerate(s["shards"]):
+            k = f"splits.{name}.shards[{i}]"
+            _need(isinstance(sh, dict) and isinstance(sh.get("path"), str), path, f"{k}.path", "expected a string")
+            for f in ("bytes", "samples"):
+                _need(isinstance(sh.get(f), int) and sh[f] >= 0, path, f"{k}.{f}", "expected a non-negative integer")
+            _need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{k}.sha256",
+                  "expected a hash")  # fmt: skip
+    return m
+
+
+def check_sources(roots: list[str] | list[Path], source_root: str | Path) -> list[dict]:
+    """The extractions' manifests, after checking that all were made from the shards at ``source_root``."""
+    manifests = [read_feature_manifest(r) for r in roots]
+    if not manifests:
+        raise DataError("data.features: no feature directories given")
+    first = manifests[0]["source"]
+    for root, m in zip(roots[1:], manifests[1:]):
+        src = m["source"]
+        if src["manifest_sha256"] != first["manifest_sha256"]:
+            raise DataError(
+                f"{Path(root) / MANIFEST} was extracted from {src.get('shards')} (manifest sha256 "
+                f"{src['manifest_sha256'][:12]}) but {Path(roots[0]) / MANIFEST} from {first.get('shards')} "
+                f"({first['manifest_sha256'][:12]}): concatenated features must come from the same source shards"
+            )
+    source_manifest = Path(source_root) / MANIFEST
+    if not source_manifest.is_file():
+        raise DataError(f"data.shards={source_root}: no {MANIFEST} there (the shards the features were made from)")
+    have = file_sha256(source_manifest)
+    if first["manifest_sha256"] != have:
+        raise DataError(
+            f"{Path(roots[0]) / MANIFEST}: extracted from {first.get('shards')} (manifest sha256 "
+            f"{first['manifest_sha256'][:12]}), not from data.shards={source_root} (manifest sha256 {have[:12]}); "
+            f"point data.shards at the source or extract again with `mtl features`"
+        )
+    return manifests
+
+
+def extractor_params(roots: list[str] | list[Path], manifests: list[dict]) -> dict[str, Any]:
+    """The extractors' identity, as MLflow params ``features.<i>.<key>``."""
+    out: dict[str, Any] = {}
+    for i, (root, m) in enumerate(zip(roots, manifests)):
+        ex = m["extractor"]
+        out[f"features.{i}.path"] = str(root)
+        out[f"features.{i}.dim"] = m["dim"]
+        out[f"features.{i}.dtype"] = m.get("dtype")
+        out.update({f"features.{i}.{k}": ex.get(k) for k in EXTRACTOR_KEYS})
+    out["features.dim"] = sum(m["dim"] for m in manifests)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one split
+
+
+@dataclass
+class Video:
+    """One video's frames, labels and concatenated features (``features`` [n, D], as stored: float16 or float32)."""
+
+    name: str
+    frames: np.ndarray
+    has_image: np.ndarray
+    features: np.ndarray
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def _read_shard(root: Path, split: str, entry: dict, dim: int) -> list[FeatureSample]:
+    """One shard's samples, after checking its size and sha256 against the manifest."""
+    path = root / entry["path"]
+    if not path.is_file():
+        raise DataError(f"{path}: missing (listed in {root / MANIFEST}, split {split!r})")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise DataError(f"{path}: damaged feature shard ({size} bytes, its manifest says {entry['bytes']})")
+    if file_sha256(path) != entry["sha256"]:
+        raise DataError(f"{path}: damaged feature shard (sha256 differs from its manifest)")
+    samples = list(read_feature_shard(path))
+    if len(samples) != entry["samples"]:
+        raise DataError(f"{path}: {len(samples)} samples, its manifest says {entry['samples']}")
+    for s in samples:
+        if s.features.shape[1] != dim:
+            raise DataError(f"{path}: video {s.video} has features of dim {s.features.shape[1]}, manifest dim {dim}")
+    return samples
+
+
+def _videos(root: Path, manifest: dict, split: str) -> list[tuple[Path, Video]]:
+    """(shard path, video) per video of one extraction's split; consecutive segments of a video joined."""
+    if split not in manifest["splits"]:
+        raise DataError(f"{root / MANIFEST}: no split {split!r} (have {', '.join(manifest['splits']) or 'none'})")
+    out: list[tuple[Path, Video]] = []
+    for entry in manifest["splits"][split]["shards"]:
+        for s in _read_shard(root, split, entry, manifest["dim"]):
+            if out and out[-1][1].name == s.video:
+                v = out[-1][1]
+                v.frames = np.concatenate([v.frames, s.frames])
+                v.has_image = np.concatenate([v.has_image, s.has_image])
+                v.features = np.concatenate([v.features, s.features])
+                v.labels = {k: np.concatenate([v.labels[k], s.labels[k]]) for k in v.labels}
+            else:
+                out.append((root / entry["path"], Video(s.video, s.frames, s.has_image, s.features, s.labels)))
+    if not out:
+        raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
+    return out
+
+
+def _span(frames: np.ndarray) -> str:
+    return f"{len(frames)} frames {int(frames[0])}..{int(frames[-1])}" if len(frames) else "no frames"
+
+
+def _agree(first_root: Path, first: list[tuple[Path, Video]], root: Path, other: list[tuple[Path, Video]],
+           split: str) -> None:  # fmt: skip
+    """Two extractions of one split hold the same videos and frames, in the same order."""
+    names_a, names_b = [v.name for _, v in first], [v.name for _, v in other]
+    if names_a != names_b:
+        i = next((i for i, (a, b) in enumerate(zip(names_a, names_b)) if a != b), min(len(names_a), len(names_b)))
+        a = names_a[i] if i < len(names_a) else "(none)"
+        b = names_b[i] if i < len(names_b) else "(none)"
+        raise DataError(f"{root / MANIFEST}: split {split!r} video #{i + 1} is {b}, where {first_root} has {a}: "
+                        f"extractions disagree on the videos")  # fmt: skip
+    for (_, va), (path, vb) in zip(first, other):
+        if not np.array_equal(va.frames, vb.frames) or not np.array_equal(va.has_image, vb.has_image):
+            raise DataError(
+                f"{path}: video {vb.name} has {_span(vb.frames)}, where {first_root} has {_span(va.frames)} "
+                f"(or other frames with an image): extractions disagree on frames"
+            )
+
+
+class FeatureSplit:
+    """Every video of one split, with the extractions' features concatenated per frame."""
+
+    def __init__(self, videos: list[Video], dim: int) -> None:
+        self.videos, self.dim = videos, dim
+
+    @classmethod
+    def load(cls, roots: list[str] | list[Path], manifests: list[dict], split: str) -> FeatureSplit:
+        roots = [Path(r) for r in roots]
+        per = [_videos(r, m, split) for r, m in zip(roots, manifests)]
+        for r, other in zip(roots[1:], per[1:]):
+            _agree(roots[0], per[0], r, other, split)
+        videos = []
+        for parts in zip(*per):
+            v = parts[0][1]
+            feats = [p[1].features for p in parts]
+            dtype = np.result_type(*feats)
+            v.features = np.concatenate([f.astype(dtype, copy=False) for f in feats], axis=1) if len(feats) > 1 \
+                else feats[0]  # fmt: skip
+            videos.append(v)
+        return cls(videos, sum(m["dim"] for m in manifests))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(v) for v in self.videos]
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+def plan_windows(lengths: list[int], clip_len: int, *, epoch: int, seed: int) -> list[tuple[int, int]]:
+    """(video, first frame) of every training window of one epoch, shuffled; the same on every rank.
+
+    A video of n frames gives ceil(n / clip_len) windows that cover it, shifted at random each epoch (the last
+    ones clamped inside the video), so an epoch sees each frame about once and windows start anywhere over epochs.
+    """
+    rng = np.random.default_rng(_seed(seed, epoch, 0xFEA7))
+    out = []
+    for v, n in enumerate(lengths):
+        k = math.ceil(n / clip_len)
+        shift = int(rng.integers(0, k * clip_len - n + 1)) if n > clip_len else 0
+        out += [(v, min(max(0, j * clip_len - shift), max(0, n - clip_len))) for j in range(k)]
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def _empty(batch: int, clip_len: int, dim: int) -> dict[str, np.ndarray]:
+    arrays = label_arrays(batch, clip_len)
+    del arrays["gain"], arrays["bias"]
+    arrays["features"] = np.zeros((batch, clip_len, dim), np.float32)
+    return arrays
+
+
+def _to_torch(arrays: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+
+
+class FeatureTrainLoader:
+    """One rank's training batches of one epoch (``len()`` batches; ``skip_batches`` resumes mid-epoch)."""
+
+    def __init__(self, split: FeatureSplit, data_cfg, *, rank: int, world_size: int, epoch: int, seed: int,
+                 skip_batches: int = 0) -> None:  # fmt: skip
+        self.split, self.cfg = split, data_cfg
+        self.t, self.b = data_cfg.clip_len, data_cfg.batch_size
+        self.epoch, self.seed, self.skip = epoch, seed, max(0, skip_batches)
+        windows = plan_windows(split.lengths, self.t, epoch=epoch, seed=seed)
+        self.n_batches = train_batches_per_epoch(len(windows), world_size, self.b)
+        first = rank * self.n_batches * self.b
+        self.windows = windows[first : first + self.n_batches * self.b]
+        self.first = first  # the epoch-wide index of this rank's first window (its augmentation seed)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.n_batches - self.skip)
+
+    def __iter__(self) -> Iterator[dict]:
+        for j in range(self.skip, self.n_batches):
+            yield self.batch(j)
+
+    def batch(self, j: int) -> dict:
+        aug = self.cfg.feature_augment
+        arrays = _empty(self.b, self.t, self.split.dim)
+        ids = np.zeros(self.b, np.int64)
+        for k in range(self.b):
+            w = j * self.b + k
+            vi, a = self.windows[w]
+            v = self.split.videos[vi]
+            b = min(a + self.t, len(v))
+            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.first + w, 0xA6))
+            src = np.arange(a, b)
+            if aug.jitter:  # a neighbour's feature (one with an image) stands in for the frame's own
+                moved = np.clip(src + rng.integers(-aug.jitter, aug.jitter + 1, len(src)), 0, len(v) - 1)
+                src = np.where(v.has_image[moved] & v.has_image[src], moved, src)
+            feats = v.features[src].astype(np.float32)
+            if aug.dropout:
+                keep = rng.random(feats.shape, dtype=np.float32) >= aug.dropout
+                feats *= keep / np.float32(1 - aug.dropout)
+            arrays["features"][k, : b - a] = feats
+            put_labels(arrays, k, v, a, b)
+            ids[k] = vi
+        return _to_torch({**arrays, "sample": ids})
+
+
+class FeatureEvalLoader:
+    """Every frame of the split once, in clips of ``clip_len``; then all-padding batches up to ``len()``, which
+    every rank shares."""
+
+    def __init__(self, split: FeatureSplit, data_cfg, *, rank: int, world_size: int) -> None:
+        self.split, self.t, self.b = split, data_cfg.clip_len, data_cfg.eval_batch_size
+        self.n_batches, self.batches = plan_eval([split.lengths], self.t, self.b, rank, world_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        for clips in itertools.chain(self.batches, itertools.repeat([], self.n_batches - len(self.batches))):
+            yield self.batch(clips)
+
+    def batch(self, clips: list[tuple[int, int, int]]) -> dict:
+        arrays = _empty(self.b, self.t, self.split.dim)
+        videos = [""] * self.b
+        for k, (_, vi, a) in enumerate(clips):
+            v = self.split.videos[vi]
+            b = min(a + self.t, len(v))
+            arrays["features"][k, : b - a] = v.features[a:b]
+            put_labels(arrays, k, v, a, b)
+            videos[k] = v.name
+        return _to_torch({**arrays, "video": videos})
