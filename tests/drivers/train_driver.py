@@ -6,6 +6,9 @@ usage: train_driver.py MODE CONFIG [key=value ...]
   nan_at_micro=K       the loss of micro-batch K (1-based, this process's count) is NaN
   nan_from_micro=K     every loss from micro-batch K on is NaN
   kill_after_log=N     SIGKILL this process right after the metrics of step N reached MLflow
+  stop_at_step=N       stop as a preemption signal would, right after step N (checkpoint saved, exit 3)
+Every mode also prints `LOADED <rank> <step> <sha256>` once the trainer is built (the weights it resumed with) and
+`SAMPLES <rank> <epoch> <id> ...` per epoch: the training sample ids this process consumed.
 """
 
 from __future__ import annotations
@@ -57,6 +60,24 @@ def main() -> int:
 
         ckpt._rng_state = dying_rng_state
     t = trainer_mod.Trainer(cfg)
+    print(f"LOADED {t.env.rank} {t.state.step} {param_digest(t.engine.ds)}", flush=True)
+    seen: dict[int, list[int]] = {}
+    micro_step = t._micro_step
+
+    def recording_micro_step(batch):
+        seen.setdefault(t.state.epoch, []).extend(int(i) for i in batch["sample"])
+        return micro_step(batch)
+
+    t._micro_step = recording_micro_step
+    if mode.startswith("stop_at_step="):
+        n, log = int(mode.split("=")[1]), t._log
+
+        def log_then_stop(step):
+            log(step)
+            if step >= n:
+                t.stop.signum = signal.SIGUSR2
+
+        t._log = log_then_stop
     if mode.startswith(("nan_at_micro=", "nan_from_micro=")):
         k = int(mode.split("=")[1])
         real_loss, count = t.loss_fn, [0]
@@ -79,6 +100,8 @@ def main() -> int:
 
         t.tracker.log_metrics = log_then_die
     result = t.run()
+    for epoch, ids in sorted(seen.items()):
+        print(f"SAMPLES {t.env.rank} {epoch} {' '.join(map(str, ids))}", flush=True)
     print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
     print(f"DIGEST {t.env.rank} {param_digest(t.engine.ds)}", flush=True)
     return 3 if result.status == "preempted" else 0
