@@ -174,7 +174,14 @@ def _pieces(order: list[int], counts: list[int], positions: np.ndarray) -> list[
 
 
 def plan_train_epoch(
-    counts: list[int], *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int, workers: int,
+    counts: list[int],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    workers: int,
     legs: tuple[Leg, ...] | list[Leg] = (),
 ) -> tuple[int, list[list[Piece]], list[int]]:
     """(batches per rank, pieces per logical worker, batches per logical worker) for one rank and epoch.
