@@ -166,6 +166,9 @@ class Trainer:
         reader = {"world_size": self.env.world_size, "batch_size": d.batch_size, "workers": d.num_workers,
                   "shuffle_buffer": d.shuffle_buffer}  # fmt: skip
         if st.reader is not None and st.reader != reader and st.micro_in_epoch > 0:
+            if self.env.is_main:
+                _warn(f"epoch {st.epoch} continues after {st.samples_in_epoch()} samples read with {st.reader}; "
+                      f"its remaining samples are cut over {reader}")  # fmt: skip
             st.epoch_legs.append({**st.reader, "batches": st.micro_in_epoch})
             st.micro_in_epoch = 0
         st.reader = reader
