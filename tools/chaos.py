@@ -155,12 +155,13 @@ def chaos(a: argparse.Namespace) -> dict[str, Any]:
     whole_s = time.time() - t0
 
     out, kills = work / "chaos", []
-    for i in range(a.kills):
+    kinds = [KINDS[i % len(KINDS)] for i in range(a.kills)]  # every kind, once N >= 5, in a random order
+    rng.shuffle(kinds)
+    for i, kind in enumerate(kinds):
         resumed = latest_step(out)
         if resumed >= a.max_steps - 2:
             _log("too close to the end for another kill")
             break
-        kind = rng.choice(KINDS)
         target = rng.randint(resumed + 1, min(a.max_steps - 2, resumed + a.ckpt_every + 1))
         if kind == "kill_in_save":
             target = max(target, (resumed // a.ckpt_every + 1) * a.ckpt_every)  # a step that saves
