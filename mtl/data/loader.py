@@ -371,10 +371,8 @@ class TrainStream(IterableDataset):
         lw = (wid + self.skip) % w  # rotate so the DataLoader's round-robin resumes at rank batch `skip`
         stream = self._raw(self.pieces[lw])
         if self.cfg.shuffle_buffer > 1:
-            buf = self.cfg.shuffle_buffer
-            stream = wds_shuffle(buf, initial=buf, seed=_shuffle_seed(self.seed, self.epoch, self.rank, lw, self.leg))(
-                stream
-            )
+            buf, seed = self.cfg.shuffle_buffer, _shuffle_seed(self.seed, self.epoch, self.rank, lw, self.leg)
+            stream = wds_shuffle(buf, initial=buf, seed=seed)(stream)
         skip_samples = len(range(lw, self.skip, w)) * self.batch_size
         stream = itertools.islice(stream, skip_samples, None)  # skipped samples are read, never decoded
         while raws := list(itertools.islice(stream, self.batch_size)):
