@@ -169,7 +169,7 @@ def chaos(a: argparse.Namespace) -> dict[str, Any]:
         if kind != "kill_in_save":
             while child.proc.poll() is None and (child.step or 0) < target:
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0, 0.5))  # somewhere inside the next step
+            time.sleep(rng.uniform(0, 0.3))  # somewhere inside the next step
             if child.proc.poll() is None:
                 child.proc.send_signal(getattr(signal, kind))
         rc = child.wait()
@@ -240,7 +240,7 @@ def latest_before_final(kills: list[dict], out: Path) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
