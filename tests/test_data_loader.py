@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from mtl.config import DataConfig, replace
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
-from mtl.data.loader import make_eval_loader, make_train_loader
+from mtl.data.loader import Leg, make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.pack import pack
 from mtl.data.shardio import parse_sample, read_raw
@@ -144,6 +145,35 @@ def test_skip_batches_resumes_exactly_where_the_epoch_stopped(data):
             assert torch.equal(a["sample"], b["sample"]) and torch.equal(a["frames"], b["frames"])
     assert list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=0, seed=0,
                                   skip_batches=10_000)) == []  # fmt: skip
+
+
+def _ids(cfg, *, world_size: int, epoch: int, skip: int = 0, stop: int | None = None, legs=()) -> list[int]:
+    """Sample ids every rank reads of its batches [skip, stop) of the epoch."""
+    out = []
+    for rank in range(world_size):
+        loader = make_train_loader(cfg, mean=MEAN, std=STD, rank=rank, world_size=world_size, epoch=epoch, seed=5,
+                                   skip_batches=skip, legs=legs)  # fmt: skip
+        out += [int(i) for b in itertools.islice(loader, None if stop is None else stop - skip) for i in b["sample"]]
+    return out
+
+
+def test_resume_on_another_world_size_sees_the_rest_of_the_epoch_once(data):
+    """2 ranks x 2 workers read 3 batches each, then 1 rank (other workers, buffer) reads on, then 3 ranks: the
+    epoch's samples are each read once, none skipped beyond the last set-up's remainder."""
+    n = sum(1 for s in data["samples"] if s[0] == "train")  # 12
+    a = cfg_for(data, batch_size=1, num_workers=2, shuffle_buffer=4)
+    b = cfg_for(data, batch_size=1, num_workers=0, shuffle_buffer=3)
+    c = cfg_for(data, batch_size=1, num_workers=1, shuffle_buffer=1)
+    first = _ids(a, world_size=2, epoch=2, stop=3)
+    legs = [Leg(world_size=2, batch_size=1, workers=2, shuffle_buffer=4, batches=3)]
+    # leg 2 is itself resumed: its first batch, then the rest after a skip (the same world size)
+    second = _ids(b, world_size=1, epoch=2, stop=1, legs=legs) + _ids(b, world_size=1, epoch=2, skip=1, stop=3,
+                                                                      legs=legs)  # fmt: skip
+    legs.append(Leg(world_size=1, batch_size=1, workers=0, shuffle_buffer=3, batches=3))
+    third = _ids(c, world_size=3, epoch=2, legs=legs)
+    seen = first + second + third
+    assert (len(first), len(second), len(third)) == (6, 3, 3)
+    assert sorted(seen) == list(range(n)), "a sample was read twice or skipped"
 
 
 def test_worker_count_does_not_change_what_a_rank_sees(data):

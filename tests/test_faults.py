@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from mtl.config import from_dict, to_dict
 from mtl.engine import checkpoint as ckpt
 from mtl.engine import layout
 from mtl.engine.export import save_weights
+from mtl.errors import MtlError
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -81,6 +83,29 @@ def test_crafted_checkpoint_is_refused_not_run(stage: int, tmp_path: Path) -> No
     (tag_dir / layout.COMPLETE).write_text(json.dumps({"tag": tag_dir.name, "state": state.to_dict()}))
     _one_line_error(mtl("eval", "--checkpoint", str(tag_dir)), str(tag_dir), "refused to unpickle")
     assert not marker.exists(), "a checkpoint file ran code while being loaded"
+
+
+def test_universal_conversion_reads_weights_only(tmp_path: Path) -> None:
+    """Converting for another world size unpickles every file of the tag: DeepSpeed's own types pass, a crafted
+    pickle is refused naming the tag, runs nothing, and leaves no universal directory behind."""
+    root = tmp_path / "checkpoints"
+    ok(run([sys.executable, "-c", _ZERO2_CHECKPOINT, str(root), str(free_port())]))
+    tag_dir = root / layout.tag_for(1)
+    crafted = tmp_path / "crafted" / tag_dir.name
+    shutil.copytree(tag_dir, crafted)
+
+    uc = ckpt.convert_to_universal(tag_dir)
+    assert uc == tag_dir / ckpt.UNIVERSAL and (uc / "zero" / "weight" / "exp_avg.pt").is_file()
+    assert (uc / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # a ZeRO-3 engine can open it too
+
+    marker = tmp_path / "pwned"
+    victim = next(crafted.glob("*optim_states.pt"))
+    content = torch.load(victim, weights_only=False)  # written by this test just now
+    torch.save({**content, "x": _Payload(marker)}, victim)
+    with pytest.raises(MtlError, match="refused to unpickle"):
+        ckpt.convert_to_universal(crafted)
+    assert not marker.exists(), "a checkpoint file ran code while being converted"
+    assert not (crafted / ckpt.UNIVERSAL).exists()
 
 
 def _runs(db: Path):

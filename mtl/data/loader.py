@@ -111,25 +111,97 @@ def train_batches_per_epoch(samples: int, world_size: int, batch_size: int) -> i
     return samples // (world_size * batch_size)
 
 
+@dataclass(frozen=True)
+class Leg:
+    """A finished part of an epoch read under one set-up: ``batches`` micro-batches per rank were consumed.
+
+    A run resumed mid-epoch on another world size, batch size, worker count or shuffle buffer starts a new leg:
+    the samples the earlier legs consumed are replayed from their plans (no data is read) and the new leg cuts the
+    rest of the epoch over the new ranks, so in the whole epoch no sample is seen twice.
+    """
+
+    world_size: int
+    batch_size: int
+    workers: int
+    shuffle_buffer: int
+    batches: int
+
+
+def _shuffle_seed(seed: int, epoch: int, rank: int, lw: int, leg: int) -> int:
+    extra = (leg,) if leg else ()  # leg 0 keeps the seed of a plain epoch
+    return _seed(seed, epoch, rank, lw, 0x5B, *extra)
+
+
+def _worker_chunks(remaining: np.ndarray, *, rank: int, world_size: int, batch_size: int, workers: int):
+    """(batches per rank, [(positions, batches)] per logical worker) of one rank, cut from the epoch's remaining
+    positions: contiguous equal pieces per rank, then per logical worker."""
+    n_batches = len(remaining) // (world_size * batch_size)
+    w = max(1, workers)
+    pos = rank * n_batches * batch_size
+    chunks = []
+    for lw in range(w):
+        nb = len(range(lw, n_batches, w))
+        chunks.append((remaining[pos : pos + nb * batch_size], nb))
+        pos += nb * batch_size
+    return n_batches, chunks
+
+
+def remaining_positions(total: int, legs: tuple[Leg, ...] | list[Leg], *, epoch: int, seed: int) -> np.ndarray:
+    """Positions (in the epoch's shard order) of the samples the finished ``legs`` did not consume, ascending.
+
+    Each leg is replayed on positions only: the shuffle buffer's choices depend on the count of items, not on
+    their content, so the samples each logical worker yielded first are known without reading a shard.
+    """
+    remaining = np.arange(total)
+    for i, leg in enumerate(legs):
+        w = max(1, leg.workers)
+        taken = []
+        for rank in range(leg.world_size):
+            _, chunks = _worker_chunks(remaining, rank=rank, world_size=leg.world_size,
+                                       batch_size=leg.batch_size, workers=leg.workers)  # fmt: skip
+            for lw, (positions, _nb) in enumerate(chunks):
+                stream = iter(positions.tolist())
+                if leg.shuffle_buffer > 1:
+                    buf = leg.shuffle_buffer
+                    stream = wds_shuffle(buf, initial=buf, seed=_shuffle_seed(seed, epoch, rank, lw, i))(stream)
+                taken.extend(itertools.islice(stream, len(range(lw, leg.batches, w)) * leg.batch_size))
+        remaining = np.setdiff1d(remaining, np.asarray(taken, dtype=remaining.dtype))
+    return remaining
+
+
+def _pieces(order: list[int], counts: list[int], positions: np.ndarray) -> list[Piece]:
+    """The shard pieces that hold ``positions`` (ascending), one per contiguous run."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    out = []
+    for run in np.split(positions, breaks):
+        out.extend(cut(order, counts, int(run[0]), int(run[-1]) + 1))
+    return out
+
+
 def plan_train_epoch(
-    counts: list[int], *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int, workers: int
+    counts: list[int],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    workers: int,
+    legs: tuple[Leg, ...] | list[Leg] = (),
 ) -> tuple[int, list[list[Piece]], list[int]]:
     """(batches per rank, pieces per logical worker, batches per logical worker) for one rank and epoch.
 
     Rank batch j is logical worker j % W's batch j // W: the DataLoader asks workers round-robin, so the batches
-    come out in order j = 0, 1, 2, ... and a resume can skip exactly the first k of them.
-    """
-    n_batches = train_batches_per_epoch(sum(counts), world_size, batch_size)
+    come out in order j = 0, 1, 2, ... and a resume can skip exactly the first k of them. After finished ``legs``
+    (a resume on another set-up), the plan covers only the samples they left.
+    """  # fmt: skip
     order = np.random.default_rng(_seed(seed, epoch, 0x5A4D)).permutation(len(counts)).tolist()
-    w = max(1, workers)
-    pos = rank * n_batches * batch_size
-    pieces, batches = [], []
-    for lw in range(w):
-        nb = len(range(lw, n_batches, w))
-        pieces.append(cut(order, counts, pos, pos + nb * batch_size))
-        batches.append(nb)
-        pos += nb * batch_size
-    return n_batches, pieces, batches
+    remaining = remaining_positions(sum(counts), legs, epoch=epoch, seed=seed)
+    n_batches, chunks = _worker_chunks(remaining, rank=rank, world_size=world_size, batch_size=batch_size,
+                                       workers=workers)  # fmt: skip
+    return n_batches, [_pieces(order, counts, p) for p, _ in chunks], [nb for _, nb in chunks]
 
 
 def plan_eval(
@@ -219,11 +291,14 @@ def _row() -> int:
     return info.id if info is not None else 0
 
 
-def _dataloader(stream: IterableDataset, workers: int) -> Iterator[dict]:
+def _dataloader(stream: IterableDataset, workers: int, seed: int) -> Iterator[dict]:
     """Streams yield whole batches (no collation). No pinned memory: the pixels stay in the ring, and the labels are
-    a few numpy arrays. An MtlError in a worker arrives as itself, with its one-line message (the DataLoader
-    would wrap the worker's whole traceback into it)."""
-    loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+    a few numpy arrays. The DataLoader's own generator, seeded here: by default each pass draws its workers' base
+    seed from torch's global RNG, so a run resumed mid-epoch (one pass more) would train on a shifted dropout and
+    masking stream. An MtlError in a worker arrives as itself, with its one-line message (the DataLoader would wrap
+    the worker's whole traceback into it)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers, generator=generator,
                         prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init)  # fmt: skip
     try:
         yield from loader
@@ -289,13 +364,15 @@ class _ClipMaker:
 class TrainStream(IterableDataset):
     """Training clips of one rank and epoch; see ``plan_train_epoch`` for who reads what."""
 
-    def __init__(self, table: SplitTable, data_cfg, mean, std, *, rank, world_size, epoch, seed, skip_batches):
+    def __init__(self, table: SplitTable, data_cfg, mean, std, *, rank, world_size, epoch, seed, skip_batches,
+                 legs=()):  # fmt: skip
         self.table, self.cfg = table, data_cfg
         self.epoch, self.seed, self.rank, self.skip = epoch, seed, rank, skip_batches
+        self.leg = len(legs)
         self.batch_size = data_cfg.batch_size
         self.n_batches, self.pieces, self.batches = plan_train_epoch(
             table.counts, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
-            batch_size=data_cfg.batch_size, workers=data_cfg.num_workers,
+            batch_size=data_cfg.batch_size, workers=data_cfg.num_workers, legs=legs,
         )  # fmt: skip
         self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std, data_cfg.augment)
         self.base = table.base
@@ -317,8 +394,8 @@ class TrainStream(IterableDataset):
         lw = (wid + self.skip) % w  # rotate so the DataLoader's round-robin resumes at rank batch `skip`
         stream = self._raw(self.pieces[lw])
         if self.cfg.shuffle_buffer > 1:
-            buf = self.cfg.shuffle_buffer
-            stream = wds_shuffle(buf, initial=buf, seed=_seed(self.seed, self.epoch, self.rank, lw, 0x5B))(stream)
+            buf, seed = self.cfg.shuffle_buffer, _shuffle_seed(self.seed, self.epoch, self.rank, lw, self.leg)
+            stream = wds_shuffle(buf, initial=buf, seed=seed)(stream)
         skip_samples = len(range(lw, self.skip, w)) * self.batch_size
         stream = itertools.islice(stream, skip_samples, None)  # skipped samples are read, never decoded
         while raws := list(itertools.islice(stream, self.batch_size)):
@@ -359,7 +436,8 @@ class TrainLoader:
         if self.remaining == 0:
             return
         ring = _ring(self.stream, self.num_workers)
-        for batch in _dataloader(self.stream, self.num_workers):
+        s = self.stream
+        for batch in _dataloader(s, self.num_workers, _seed(s.seed, s.epoch, s.rank, s.leg, 0xD1)):
             yield finish_batch(batch, ring, self.device)
 
 
@@ -373,6 +451,7 @@ def make_train_loader(
     epoch: int,
     seed: int,
     skip_batches: int = 0,
+    legs: tuple[Leg, ...] | list[Leg] = (),
     device: str | torch.device | None = None,
 ) -> TrainLoader:
     """Training batches [B, T, ...] of rank ``rank`` for epoch ``epoch``.
@@ -380,7 +459,8 @@ def make_train_loader(
     One epoch over all ranks sees each training sample (segment) once, as one random window of ``clip_len`` frames
     with one random augmentation, except fewer than world_size * batch_size dropped samples (others each epoch).
     ``skip_batches`` resumes mid-epoch: the skipped samples are read but not decoded. Exact resume needs the same
-    world_size, batch_size and num_workers. ``device``: where batches are delivered and the frames finished
+    world_size, batch_size and num_workers; ``legs`` are the parts of the epoch read under another set-up (see
+    ``Leg``), whose samples are left out. ``device``: where batches are delivered and the frames finished
     (uint8 -> normalised float); default: the CPU.
     """
     if not 0 <= rank < world_size:
@@ -395,7 +475,7 @@ def make_train_loader(
         )
     stream = TrainStream(
         table, data_cfg, mean, std, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
-        skip_batches=max(0, skip_batches),
+        skip_batches=max(0, skip_batches), legs=tuple(legs),
     )  # fmt: skip
     return TrainLoader(stream, data_cfg.num_workers, _device(device))
 
@@ -460,7 +540,7 @@ class EvalLoader:
         workers = min(self.num_workers, len(self.stream.batches))
         ring = _ring(self.stream, workers)
         if self.stream.batches:
-            for batch in _dataloader(self.stream, workers):
+            for batch in _dataloader(self.stream, workers, 0xE7):
                 done += 1
                 yield finish_batch(batch, ring, self.device)
         for _ in range(self.n_batches - done):  # in this process: row 0, whose slots are all released by now

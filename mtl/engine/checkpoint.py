@@ -8,8 +8,11 @@ name a half-written tag.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import torch
 from mtl.engine.distributed import barrier
 from mtl.engine.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
 from mtl.engine.safe_load import weights_only_loads
+from mtl.errors import MtlError
 
 
 @dataclass
@@ -28,7 +32,11 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed (the data position)
+    micro_in_epoch: int = 0  # micro-batches per rank of `epoch` consumed under `reader` (the data position)
+    reader: dict[str, int] | None = None  # world_size, batch_size, workers, shuffle_buffer the position counts in
+    epoch_legs: list[dict[str, int]] = field(default_factory=list)  # earlier parts of `epoch` (loader.Leg fields)
+    world_size: int | None = None  # of the run that saved (None: saved before it was recorded)
+    zero_stage: int | None = None
     best_score: float = float("-inf")
     best_tag: str | None = None
     bad_steps_total: int = 0
@@ -37,6 +45,12 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def samples_in_epoch(self) -> int:
+        """Samples of `epoch` consumed over all ranks: the data position independent of the world size."""
+        legs = sum(g["world_size"] * g["batch_size"] * g["batches"] for g in self.epoch_legs)
+        here = self.reader["world_size"] * self.reader["batch_size"] * self.micro_in_epoch if self.reader else 0
+        return legs + here
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -100,10 +114,79 @@ def _prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
             shutil.rmtree(p, ignore_errors=True)  # older complete tags and incomplete leftovers alike
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> TrainState:
-    """Collective. Restores weights, optimizer, scheduler (DeepSpeed) and this rank's RNG streams."""
+UNIVERSAL = "universal"  # DeepSpeed's universal form of a tag, inside the tag dir (pruned with it)
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """The tag in DeepSpeed's universal layout (any world size, any ZeRO stage), converted once: run it on one rank
+    while the others wait. Written beside, then renamed into place, so a kill mid-way leaves nothing half-done."""
+    out = tag_dir / UNIVERSAL
+    if out.is_dir():
+        return out
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    work = tag_dir / f".{UNIVERSAL}.tmp"  # DeepSpeed also writes a `latest_universal` file beside its output
+    shutil.rmtree(work, ignore_errors=True)
+    args = SimpleNamespace(input_folder=str(tag_dir), output_folder=str(work / UNIVERSAL), num_extract_workers=1,
+                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                           inject_missing_state=True)  # fmt: skip
+    with weights_only_loads(tag_dir), contextlib.redirect_stdout(sys.stderr):  # it prints its progress
+        ds_to_universal(args)
+        _serve_both_stages(work / UNIVERSAL)
+    os.replace(work / UNIVERSAL, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _serve_both_stages(uc: Path) -> None:
+    """DeepSpeed 0.19 writes a universal checkpoint that only an engine of the source's kind can open: ZeRO-3 looks
+    for ``zero_pp_rank_0_*model_states.pt`` and a nested optimizer state (with the step), ZeRO-1/2 for
+    ``mp_rank_*model_states.pt`` and a ``ds_version``. Both are added, so ZeRO-2 -> 3 and 3 -> 2 load too."""
+    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    for f in uc.glob("mp_rank_*_model_states.pt"):
+        twin = uc / f"zero_pp_rank_0_{f.name}"
+        if not twin.exists():
+            shutil.copyfile(f, twin)
+    for f in uc.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"):
+        twin = uc / f.name.removeprefix("zero_pp_rank_0_")
+        if not twin.exists():
+            shutil.copyfile(f, twin)
+    path = uc / "zero" / "optimizer_state.pt"
+    sd = torch.load(path, weights_only=True)
+    if OPTIMIZER_STATE_DICT not in sd:
+        step = torch.load(next((uc / "zero").glob("*/step.pt")), weights_only=True)
+        sd[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: sd[PARAM_GROUPS]}
+    if DS_VERSION not in sd:
+        from deepspeed import __version__
+
+        sd[DS_VERSION] = __version__
+    torch.save(sd, path)
+
+
+def _restore_param_groups(engine: Any, uc: Path) -> None:
+    """Every group's hyperparameters as saved: DeepSpeed's ZeRO-3 universal load gives all groups the first one's
+    (its lr, weight decay), which would undo layer-wise lr decay and no-decay groups."""
+    from deepspeed.checkpoint.constants import PARAM_GROUPS
+
+    saved = torch.load(uc / "zero" / "optimizer_state.pt", weights_only=True)[PARAM_GROUPS]
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise MtlError(f"{uc}: {len(saved)} optimizer parameter groups saved, the model has {len(groups)}")
+    for group, was in zip(groups, saved):
+        group.update({k: v for k, v in was.items() if k != "params"})
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -> TrainState:
+    """Collective. Restores weights, optimizer, scheduler (DeepSpeed) and this rank's RNG streams; ``universal``:
+    from the tag's universal form (``convert_to_universal``), into an engine built to load it."""
+    load_dir, load_tag = (ckpt_dir / tag, UNIVERSAL) if universal else (ckpt_dir, tag)
     with weights_only_loads(ckpt_dir / tag):  # DeepSpeed's loader unpickles; only weights get through
-        path, _client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        path, _client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        if universal:
+            _restore_param_groups(engine, load_dir / load_tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     state = read_state(ckpt_dir / tag)

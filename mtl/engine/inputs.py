@@ -6,14 +6,15 @@ everything after the batch (losses, ZeRO, checkpoints, metrics, submissions) is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from mtl.config import Config
-from mtl.data.loader import make_eval_loader, make_train_loader
+from mtl.data.loader import Leg, make_eval_loader, make_train_loader
 from mtl.engine.model_io import Norm, input_norm
-from mtl.errors import DataError
+from mtl.errors import DataError, MtlError
 from mtl.features.loader import (
     FeatureEvalLoader,
     FeatureSplit,
@@ -58,13 +59,21 @@ class DataSource:
             self.norm = input_norm(self.cfg.data, model)
         return model
 
-    def train_loader(self, *, rank: int, world_size: int, epoch: int, seed: int, skip_batches: int = 0):
-        """This rank's training batches of ``epoch`` (see the two loaders for what an epoch is)."""
+    def train_loader(
+        self, *, rank: int, world_size: int, epoch: int, seed: int, skip_batches: int = 0, legs: Sequence[Leg] = ()
+    ):
+        """This rank's training batches of ``epoch`` (see the two loaders for what an epoch is); ``legs``: parts of
+        the epoch read earlier under another set-up (a resume on another world size)."""
         d = self.cfg.data
         if not self.uses_features:
             mean, std = self._norm()
             return make_train_loader(d, mean=mean, std=std, rank=rank, world_size=world_size, epoch=epoch,
-                                     seed=seed, skip_batches=skip_batches)  # fmt: skip
+                                     seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
+        if legs:
+            raise MtlError(
+                f"{self.features[0]}: a run on cached features resumed mid-epoch on another world size; resume it "
+                "on the world size it was saved with (the feature loader cannot remap an epoch's position yet)"
+            )
         loader = FeatureTrainLoader(self.split(d.train_split), d, rank=rank, world_size=world_size, epoch=epoch,
                                     seed=seed, skip_batches=skip_batches)  # fmt: skip
         if len(loader) == 0:

@@ -56,12 +56,17 @@ class Engine:
         return self.ds.global_steps != before
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, device: torch.device) -> Engine:
-    """The ZeRO stage and precision resolved (accelerate's stage wins), then ``deepspeed.initialize``."""
+def build_engine(
+    model: torch.nn.Module, cfg: Config, world_size: int, device: torch.device, load_universal: bool = False
+) -> Engine:
+    """The ZeRO stage and precision resolved (accelerate's stage wins), then ``deepspeed.initialize``.
+    ``load_universal``: the engine will resume from a universal checkpoint (another world size or ZeRO stage)."""
     zero_stage, precision = resolve_zero_stage(cfg), resolve_precision(cfg)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ds_config = build_ds_config(cfg, world_size, zero_stage, precision)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
 
     import deepspeed
     from deepspeed.utils import logger as ds_logger

@@ -23,9 +23,11 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
+from mtl.data.loader import Leg
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
+from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.evaluate import evaluate, to_device
 from mtl.engine.export import consolidate, save_weights
 from mtl.engine.inputs import DataSource
@@ -111,11 +113,13 @@ class Trainer:
             self.source.split(cfg.data.train_split)
         model = self.source.build_model()
         self.loss_fn = MultiTaskLoss(cfg.loss, splits[cfg.data.train_split]["tasks"])
-        self.engine = build_engine(model, cfg, self.env.world_size, self.env.device)
+        universal = resume_from is not None and self._universal(resume_from)
+        self.engine = build_engine(model, cfg, self.env.world_size, self.env.device, load_universal=universal)
         self.state = ckpt.TrainState(config=to_dict(cfg))
         self.resumed_from = resume_from.tag if resume_from else None
         if resume_from is not None:
-            self.state = ckpt.load(self.engine.ds, resume_from.root, resume_from.tag, self.env.rank)
+            self.state = ckpt.load(self.engine.ds, resume_from.root, resume_from.tag, self.env.rank, universal)
+        self._record_setup()
         self.tracker = self._open_tracker()
         self.stop = StopFlag()
         self.window = _Window()
@@ -135,6 +139,41 @@ class Trainer:
         if error is not None:
             raise MtlError(error)
         return found
+
+    def _universal(self, found: Checkpoint) -> bool:
+        """Whether ``found`` was saved on another world size or ZeRO stage; if so rank 0 converts it to DeepSpeed's
+        universal form (once; the others wait) and the engine loads that."""
+        saved = ckpt.TrainState.from_dict(found.state())
+        now = (self.env.world_size, resolve_zero_stage(self.cfg))
+        if saved.world_size is None or (saved.world_size, saved.zero_stage) == now:
+            return False
+        error = None
+        if self.env.is_main:
+            _warn(f"{found.dir} was saved on {saved.world_size} rank(s) at ZeRO-{saved.zero_stage}, this run has "
+                  f"{now[0]} at ZeRO-{now[1]}: resuming from DeepSpeed's universal checkpoint")  # fmt: skip
+            try:
+                ckpt.convert_to_universal(found.dir)
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error = f"{found.dir}: conversion to a universal checkpoint failed ({exc})"
+        error = broadcast_object(error)
+        if error is not None:
+            raise MtlError(error)
+        return True
+
+    def _record_setup(self) -> None:
+        """World size, ZeRO stage and reader set-up into the state. A position counted under another reader set-up
+        ends that leg of the epoch; the loader then gives this run the samples the legs left."""
+        st, d = self.state, self.cfg.data
+        st.world_size, st.zero_stage = self.env.world_size, self.engine.zero_stage
+        reader = {"world_size": self.env.world_size, "batch_size": d.batch_size, "workers": d.num_workers,
+                  "shuffle_buffer": d.shuffle_buffer}  # fmt: skip
+        if st.reader is not None and st.reader != reader and st.micro_in_epoch > 0:
+            if self.env.is_main:
+                _warn(f"epoch {st.epoch} continues after {st.samples_in_epoch()} samples read with {st.reader}; "
+                      f"its remaining samples are cut over {reader}")  # fmt: skip
+            st.epoch_legs.append({**st.reader, "batches": st.micro_in_epoch})
+            st.micro_in_epoch = 0
+        st.reader = reader
 
     # ------------------------------------------------------------------------------------------ tracking
 
@@ -188,8 +227,9 @@ class Trainer:
             epoch=self.state.epoch,
             seed=c.train.seed,
             skip_batches=self.state.micro_in_epoch,
+            legs=[Leg(**g) for g in self.state.epoch_legs],
         )
-        if len(loader) < c.train.grad_accum:
+        if not self.state.epoch_legs and len(loader) < c.train.grad_accum:  # a later leg may hold a few or none
             raise MtlError(
                 f"{c.data.shards}: an epoch has {len(loader)} batches per rank, fewer than "
                 f"train.grad_accum={c.train.grad_accum}; use a smaller data.batch_size or more data"
@@ -303,6 +343,7 @@ class Trainer:
                     return "completed"
             self.state.epoch += 1
             self.state.micro_in_epoch = 0
+            self.state.epoch_legs = []
         return "completed"
 
     def run(self) -> TrainResult:

@@ -6,11 +6,16 @@ usage: train_driver.py MODE CONFIG [key=value ...]
   nan_at_micro=K       the loss of micro-batch K (1-based, this process's count) is NaN
   nan_from_micro=K     every loss from micro-batch K on is NaN
   kill_after_log=N     SIGKILL this process right after the metrics of step N reached MLflow
+  stop_at_step=N       stop as a preemption signal would, right after step N (checkpoint saved, exit 3)
+Every mode also prints `LOADED <rank> <step> <sha256> <AdamW step>` once the trainer is built (what it resumed
+with), `GROUPS_LOADED`/`GROUPS_END <rank> <json>` (the parameter groups' settings, after loading and at the end) and
+`SAMPLES <rank> <epoch> <id> ...` per epoch: the training sample ids this process consumed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -42,6 +47,18 @@ def param_digest_plain(module) -> str:
     return h.hexdigest()
 
 
+def optimizer_step(engine) -> int:
+    """AdamW's step count (0 before any step: a resume that lost the optimizer state shows here)."""
+    steps = [int(st["step"]) for st in engine.optimizer.optimizer.state.values() if "step" in st]
+    return max(steps, default=0)
+
+
+def group_settings(engine) -> str:
+    """Each parameter group's weight decay and lr relative to the first group's, as JSON."""
+    groups = engine.optimizer.optimizer.param_groups
+    return json.dumps([[g["weight_decay"], round(g["lr"] / groups[0]["lr"], 9)] for g in groups])
+
+
 def main() -> int:
     mode, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     cfg = load_config(config, overrides)
@@ -57,6 +74,25 @@ def main() -> int:
 
         ckpt._rng_state = dying_rng_state
     t = trainer_mod.Trainer(cfg)
+    print(f"LOADED {t.env.rank} {t.state.step} {param_digest(t.engine.ds)} {optimizer_step(t.engine.ds)}", flush=True)
+    print(f"GROUPS_LOADED {t.env.rank} {group_settings(t.engine.ds)}", flush=True)
+    seen: dict[int, list[int]] = {}
+    micro_step = t._micro_step
+
+    def recording_micro_step(batch):
+        seen.setdefault(t.state.epoch, []).extend(int(i) for i in batch["sample"])
+        return micro_step(batch)
+
+    t._micro_step = recording_micro_step
+    if mode.startswith("stop_at_step="):
+        n, log = int(mode.split("=")[1]), t._log
+
+        def log_then_stop(step):
+            log(step)
+            if step >= n:
+                t.stop.signum = signal.SIGUSR2
+
+        t._log = log_then_stop
     if mode.startswith(("nan_at_micro=", "nan_from_micro=")):
         k = int(mode.split("=")[1])
         real_loss, count = t.loss_fn, [0]
@@ -79,8 +115,11 @@ def main() -> int:
 
         t.tracker.log_metrics = log_then_die
     result = t.run()
+    for epoch, ids in sorted(seen.items()):
+        print(f"SAMPLES {t.env.rank} {epoch} {' '.join(map(str, ids))}", flush=True)
     print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
     print(f"DIGEST {t.env.rank} {param_digest(t.engine.ds)}", flush=True)
+    print(f"GROUPS_END {t.env.rank} {group_settings(t.engine.ds)}", flush=True)
     return 3 if result.status == "preempted" else 0
 
 
