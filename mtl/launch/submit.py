@@ -171,9 +171,7 @@ def _nodes_gone(record: dict[str, str], since: dict[str, float], down_grace_s: f
     left = len(states) - len(never)
     listed = ", ".join(f"{n} {states[n]}" for n in [*never, *down])
     if left < needed:
-        return (
-            f"it needs {needed} node(s) and partition {partition} has {left} that are not drained or failed ({listed})"
-        )
+        return f"it needs {needed} node(s); partition {partition} has {left} not drained or failed ({listed})"
     if left - len(down) < needed:
         first = since.setdefault(job_id, time.monotonic())
         if time.monotonic() - first > down_grace_s:
