@@ -38,7 +38,8 @@ done
 [[ $NODES =~ ^[1-9][0-9]?$ ]] || { echo "slurm-local: error: --nodes wants a number from 1 to 99, got '$NODES'" >&2; exit 2; }
 STATE=${SLURM_LOCAL_DIR:-/var/lib/mtl-slurm-local}
 PARTITION=${SLURM_LOCAL_PARTITION:-debug}
-CPUS=${SLURM_LOCAL_CPUS:-$(nproc)}
+# (nproc alone would count OMP_NUM_THREADS, which the tests set to 1)
+CPUS=${SLURM_LOCAL_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 NET=${SLURM_LOCAL_NET:-10.213.0}
 HOST=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
