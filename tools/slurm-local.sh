@@ -231,9 +231,14 @@ EOF
         rm -f "$tmp"
         return 0
     fi
+    if any_slurm_alive; then
+        # while the old configuration is in place: the client commands must still reach the running controller
+        log "configuration changed: stopping the running cluster first"
+        cancel_jobs
+        stop_slurm
+    fi
     chmod 0644 "$tmp"
     mv "$tmp" "$CONF"
-    CONF_CHANGED=1
     log "wrote $CONF ($NODES node(s): $part_nodes, $CPUS CPUs each, partition $PARTITION)"
 }
 
@@ -294,10 +299,9 @@ wait_idle() {
 up() {
     install_packages
     start_munge
-    CONF_CHANGED=0
     write_conf
-    if [[ $CONF_CHANGED == 1 ]] && any_slurm_alive; then
-        log "configuration changed: stopping the running cluster first"
+    if pid_alive "$STATE/slurmctld.pid" && [[ $CONF -nt $STATE/slurmctld.pid ]]; then
+        log "the daemons run an older configuration (an interrupted switch?): restarting them"
         cancel_jobs
         stop_slurm
     fi
@@ -344,7 +348,7 @@ cancel_jobs() {
     # until their time limit: cancel them and let them end first.
     pid_alive "$STATE/slurmctld.pid" || return 0
     local ids
-    ids=$(squeue --noheader --format=%A 2>/dev/null | tr '\n' ' ')
+    ids=$(squeue --noheader --format=%A 2>/dev/null | tr '\n' ' ') || true
     [[ -n ${ids// /} ]] || return 0
     log "cancelling jobs: $ids"
     # shellcheck disable=SC2086
