@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,9 @@ import yaml
 
 from mtl.config import ConfigError
 from mtl.engine.layout import RUN_ID_FILE
+from mtl.engine.preemption import StopFlag
 from mtl.errors import MtlError
-from mtl.launch import prepare, slurm_request
+from mtl.launch import partition, prepare, slurm_request
 from mtl.launch.sweep import element_configs, element_name, read_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,3 +190,69 @@ def test_requeue_names_the_job_as_squeue_does(monkeypatch) -> None:
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
     assert slurm_job_id() == "123_4"
+
+
+# A partition as `scontrol show partition/node` describe one: two 2-CPU nodes and one with 4 GPUs.
+_SMALL = partition.Node("node1", 2, 0, 4000), partition.Node("node2", 2, 0, 4000)
+_PART = partition.Partition("debug", "node[1-3]", (*_SMALL, partition.Node("gpu1", 32, 4, 256000)), None, 60,
+                            None, None)  # fmt: skip
+
+
+def _req(**kw: int | None) -> partition.Request:
+    base = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0, "mem_mb": None, "time_min": 10}
+    return partition.Request(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"nodes": 2, "cpus_per_task": 64}, "slurm.cpus_per_task=64 x 1 task(s) per node = 64 CPUs per node, "
+                                            "but partition debug's nodes have at most 32 CPUs"),
+        ({"nodes": 2, "tasks_per_node": 2, "cpus_per_task": 8}, "= 16 CPUs per node, but only 1 of partition "
+                                                                "debug's nodes have that many (2 needed)"),
+        ({"nodes": 4}, "slurm.nodes=4, but partition debug has 3 node(s)"),
+        ({"gpus_per_node": 8}, "slurm.gpus_per_node=8, but partition debug's nodes have at most 4 GPUs"),
+        ({"mem_mb": 512 * 1024}, "slurm.mem_gb=512, but partition debug's nodes have at most 256000 MB"),
+        ({"time_min": 90}, "slurm.time_min=90 is over partition debug's time limit of 60 min"),
+        ({"nodes": 2, "gpus_per_node": 1}, "but only 1 of partition debug's nodes have that many (2 needed)"),
+    ],
+)  # fmt: skip
+def test_a_request_the_partition_cannot_run_is_named(kw: dict, expected: str) -> None:
+    why = partition.misfit(_req(**kw), _PART)
+    assert why is not None and expected in why, why
+
+
+def test_a_request_that_fits_passes_and_the_offer_is_described() -> None:
+    assert partition.misfit(_req(nodes=3), _PART) is None
+    assert partition.misfit(_req(nodes=2, tasks_per_node=2, cpus_per_task=1, mem_mb=4000), _PART) is None
+    assert partition.misfit(_req(gpus_per_node=4, cpus_per_task=8, tasks_per_node=4), _PART) is None
+    assert _PART.offers() == (
+        "3 node(s) (node[1-3]): node1, node2 with 2 CPUs, 0 GPUs, 4000 MB each; gpu1 with 32 CPUs, 4 GPUs, "
+        "256000 MB each; time limit 60 min"
+    )
+
+
+def test_slurm_time_and_gres_formats() -> None:
+    assert [partition.parse_time_min(t) for t in ("30", "1:30:00", "2-00:00:00", "5:30", "UNLIMITED")] == [
+        30, 90, 2880, 6, None,
+    ]  # fmt: skip
+    assert partition.gres_gpus("gpu:a100:4(S:0-1),shard:8") == 4
+    assert partition.gres_gpus("gpu:2,gpu:v100:2") == 4
+    assert partition.gres_gpus("(null)") == 0
+
+
+def test_a_stop_signal_before_the_trainer_starts_is_not_lost() -> None:
+    """`mtl slurm-train` installs a StopFlag first thing; the trainer's own one takes over what it caught."""
+    early = StopFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert early.signum == signal.SIGUSR2
+        later = StopFlag().install()
+        assert later.requested and later.signum == signal.SIGUSR2
+        later.uninstall()
+        assert signal.getsignal(signal.SIGUSR2) == early._handle
+        again = StopFlag().install()
+        assert again.requested  # every StopFlag of this process sees the early stop
+        again.uninstall()
+    finally:
+        early.uninstall()

@@ -1,11 +1,14 @@
-"""`mtl submit`, preemption/requeue, sweeps and the sbatch template on a real one-node SLURM cluster.
+"""`mtl submit`, preemption/requeue, sweeps and the sbatch template on a real SLURM cluster: first one node (this
+host), then two (node1 and node2, each a slurmd in its own network namespace; these tests come last, so that the
+cluster switches once).
 
-Every job is a real 2-rank (or 1-rank) DeepSpeed ZeRO-2 run of the smoke model on CPU (gloo), logging to a real
-MLflow store; the cluster is started by tools/slurm-local.sh (see slurm_fixtures.py).
+Every job is a real 2-rank (or 1-rank) DeepSpeed run of the smoke model on CPU (gloo), logging to a real MLflow
+store; the cluster is started by tools/slurm-local.sh (see slurm_fixtures.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +20,15 @@ import pytest
 import yaml
 from conftest import REPO, SMOKE, mtl, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
-from slurm_fixtures import job_ids, job_info, slurm_cluster_fixture, wait_for_path, wait_for_state  # noqa: F401
+from slurm_fixtures import (  # noqa: F401
+    job_ids,
+    job_info,
+    slurm_cluster_fixture,
+    slurm_local_fixture,
+    slurm_two_nodes_fixture,
+    wait_for_path,
+    wait_for_state,
+)
 
 from mtl.cli import main
 
@@ -27,7 +38,7 @@ CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "
 
 
 @pytest.fixture(autouse=True)
-def _cancel_leftover_jobs(slurm_cluster: str) -> Iterator[None]:
+def _cancel_leftover_jobs() -> Iterator[None]:
     """A failed test must not leave its job holding the 2 CPUs that the next tests need."""
     before = job_ids()
     yield
@@ -250,8 +261,11 @@ def test_sweep_is_one_array_with_child_runs_under_one_parent(
         ("partition", "unknown SLURM partition 'no-such-partition' (partitions here: debug)"),
         ("override", "unknown config key 'train.max_stepz'; did you mean max_steps"),
         ("shards", "no manifest.json there"),
+        ("cpus", "slurm.cpus_per_task=1000 x 2 task(s) per node = 2000 CPUs per node, but partition debug's nodes "
+                 "have at most"),
+        ("default-cpus", "slurm.cpus_per_task=8 x 2 task(s) per node = 16 CPUs per node, but partition debug's"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_fails_on_the_login_node_and_queues_nothing(
     case: str, expected: str, slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -267,6 +281,13 @@ def test_bad_input_fails_on_the_login_node_and_queues_nothing(
         args.append("train.max_stepz=5")
     elif case == "shards":
         args[0] = f"data.shards={tmp_path / 'missing'}"
+    elif case == "cpus":
+        flags[flags.index("--cpus-per-task") + 1] = "1000"
+    elif case == "default-cpus":  # slurm.cpus_per_task=8: more than this cluster's node has (CI: 2 CPUs)
+        if len(os.sched_getaffinity(0)) >= 16:  # (nproc: what the node advertises)
+            pytest.skip("this machine's node has 16 CPUs or more: the default request fits")
+        i = flags.index("--cpus-per-task")
+        del flags[i : i + 2]
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rc = main(["submit", "--config", str(SMOKE), *args, *flags])
     err = capsys.readouterr().err
@@ -310,3 +331,157 @@ def test_features_job_array_writes_the_same_cache_as_one_process(
     files = {p.relative_to(reference): p.read_bytes() for p in sorted(reference.glob("*/*.tar"))}
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.glob("*/*.tar"))} == files and len(files) == 6
     assert read_feature_manifest(out) == read_feature_manifest(reference)
+
+
+# --------------------------------------------------------------------------------------------- two nodes
+# One rank on each of node1 and node2 (own network namespace, hostname and address): gloo across the bridge, the
+# rendezvous on node1 as SLURM's node list `node[1-2]` names it.
+
+TWO_NODE_JOB = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10"]
+
+
+def _two_node_run(db: Path, job: str) -> object:
+    (r,) = _runs(db)
+    assert r.data.tags["world_size"] == "2" and r.data.tags["slurm_job_id"] == job
+    assert r.data.tags["host"] == "node1"  # global rank 0 ran on the first node of the list
+    return r
+
+
+def test_two_node_zero2_job_completes(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    args = smoke_overrides(tiny_shards, out, db, "train.zero_stage=2")
+    printed = _submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_two_nodes,
+                      *TWO_NODE_JOB, "--folder", str(tmp_path / "slurm" / "%j"), "--wait")  # fmt: skip
+    job = _job_id(printed)
+    assert "partition debug: 2 node(s) x 1 task(s)" in printed and f"job {job} (smoke): completed at step 6" in printed
+    info = job_info(job)
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]" and info["NumTasks"] == "2"
+    out1 = (tmp_path / "slurm" / job / f"{job}_1_log.out").read_text()
+    assert "hostname=node2, local_rank=0(1), node=1(2), global_rank=1(2)" in out1  # submitit's view of rank 1
+    r = _two_node_run(db, job)
+    assert r.info.status == "FINISHED" and r.data.tags["zero_stage"] == "2"
+    assert _steps(db, r.info.run_id) == list(range(1, 7))
+    assert (out / "export" / "last.safetensors").is_file()
+
+
+def test_two_node_zero3_job_requeued_by_slurm_resumes_into_the_same_run(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`scontrol requeue` (SIGTERM to both nodes): both ranks save the ZeRO-3 shards, SLURM requeues, the job
+    resumes on both nodes from that checkpoint and runs to the end in the same MLflow run."""
+    out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
+    args = smoke_overrides(tiny_shards, out, db, "train.zero_stage=3", "train.max_steps=60", "train.ckpt_every=10")
+    job = _job_id(_submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_two_nodes,
+                          *TWO_NODE_JOB, "--folder", str(folder)))  # fmt: skip
+    wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=300)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    err = (tmp_path / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", err[-3000:]
+    saved = re.search(r"checkpoint saved at step (\d+); job \S+ is \w+: not requeued by mtl", err)
+    assert saved and 10 <= int(saved.group(1)) < 60, err[-3000:]
+    r = _two_node_run(db, job)
+    assert r.info.status == "FINISHED" and r.data.tags["zero_stage"] == "3"
+    assert r.data.tags["resumed_from"] == f"step_{int(saved.group(1)):08d}"
+    assert _steps(db, r.info.run_id) == list(range(1, 61))
+
+
+def test_two_node_sbatch_template_preempted_during_start_up_resumes(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """slurm/train.sbatch with --nodes 2, USR2 while the tasks still import torch: `mtl slurm-train` has its stop
+    flag up first thing, so the ranks train one step, save together, rank 0 requeues, and the job resumes."""
+    out, db, log = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "job.out"
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=6", "train.ckpt_every=100")
+    env = {"CONFIG": str(SMOKE), "MTL": f"{sys.executable} -m mtl.cli"}
+    proc = ok(run(["sbatch", "--parsable", "--partition", slurm_two_nodes, "--nodes=2", "--gpus-per-node=0",
+                   "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={log}",
+                   str(REPO / "slurm" / "train.sbatch"), *args], env=env))  # fmt: skip
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 180
+    started = re.compile(r"mtl: task (\d) of 2 on (node\d) \(local 0, nodes node\[1-2\]\): stop signals handled")
+    while len({m.groups() for m in started.finditer(log.read_text() if log.exists() else "")}) < 2:
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert {m.groups() for m in started.finditer(text)} == {("0", "node1"), ("1", "node2")}
+    saved = re.search(rf"checkpoint saved at step (\d+); requeued job {job} \(1 of 3\)", text)
+    assert saved, text[-3000:]
+    r = _two_node_run(db, job)
+    assert r.info.status == "FINISHED" and r.data.tags["resumed_from"] == f"step_{int(saved.group(1)):08d}"
+    assert _steps(db, r.info.run_id) == list(range(1, 7))
+
+
+def test_two_node_request_over_the_partition_is_refused_before_queuing(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    db = tmp_path / "mlflow.db"
+    before = job_ids()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    flags = [*TWO_NODE_JOB, "--folder", str(tmp_path / "slurm" / "%j")]
+    flags[1] = "3"  # --nodes 3
+    rc = main(["submit", "--config", str(SMOKE), *smoke_overrides(tiny_shards, tmp_path / "run", db),
+               "--partition", slurm_two_nodes, *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "slurm.nodes=3, but partition debug has 2 node(s)" in err, err
+    assert "Partition debug offers 2 node(s) (node[1-2]): node1, node2 with" in err
+    assert job_ids() == before and not db.exists()
+
+
+def test_wait_cancels_a_job_whose_nodes_are_drained_and_ends_its_run(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """node2 drained: a 2-node job could only pend for ever; --wait cancels it, says why, ends the run KILLED."""
+    db = tmp_path / "mlflow.db"
+    subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=mtl-test"], check=True)
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        rc = main(["submit", "--config", str(SMOKE), *smoke_overrides(tiny_shards, tmp_path / "run", db),
+                   "--partition", slurm_two_nodes, *TWO_NODE_JOB, "--folder", str(tmp_path / "slurm" / "%j"),
+                   "--wait"])  # fmt: skip
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
+    out = capsys.readouterr().out
+    job = _job_id(out)
+    assert rc == 1, out
+    assert re.search(
+        rf"job {job} \(smoke\): CANCELLED\n  it pended for a reason that does not resolve itself "
+        r".*it needs 2 node\(s\); partition debug has 1 not drained or failed \(node2 drained",
+        out,
+    ), out
+    assert job_info(job)["JobState"] == "CANCELLED"
+    (r,) = _runs(db)
+    assert r.info.status == "KILLED" and "not drained or failed" in r.data.tags["mtl.end_reason"]
+
+
+def test_a_run_whose_job_sbatch_refuses_is_ended(
+    slurm_two_nodes: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    db = tmp_path / "mlflow.db"
+    subprocess.run(["scontrol", "update", f"PartitionName={slurm_two_nodes}", "State=INACTIVE"], check=True)
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        rc = main(
+            [
+                "submit",
+                "--config",
+                str(SMOKE),
+                *smoke_overrides(tiny_shards, tmp_path / "run", db),
+                "--partition",
+                slurm_two_nodes,
+                *TWO_NODE_JOB,
+                "--folder",
+                str(tmp_path / "slurm" / "%j"),
+            ]
+        )
+    finally:
+        subprocess.run(["scontrol", "update", f"PartitionName={slurm_two_nodes}", "State=UP"], check=True)
+    err = capsys.readouterr().err
+    assert rc == 2 and "mtl submit: error: sbatch refused the job: " in err and "partition not available" in err, err
+    (r,) = _runs(db)
+    assert r.info.status == "FAILED" and "sbatch refused the job" in r.data.tags["mtl.end_reason"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -29,22 +28,23 @@ class DistEnv:
         return self.rank == 0
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
-
-
 def export_slurm_env() -> None:
-    """Fill torch's variables from SLURM's when launched by a bare ``srun`` (no-op otherwise)."""
+    """Fill torch's variables from SLURM's when launched by a bare ``srun`` (no-op otherwise).
+
+    Ranks and local ranks are SLURM's (SLURM_PROCID, SLURM_LOCALID: tasks of one node need not be consecutive
+    ranks); the rendezvous is the first host of SLURM's node list (``node[1-2]`` -> node1, parsed by submitit as
+    in its own jobs), which every node resolves to that node's address. gloo binds to the address of its own
+    hostname: where that resolves to loopback, set GLOO_SOCKET_IFNAME (slurm/README.md).
+    """
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()  # (JobEnvironment() would want submitit's own job variables)
+    os.environ["RANK"] = str(job.global_rank)
+    os.environ["WORLD_SIZE"] = str(job.num_tasks)
+    os.environ["LOCAL_RANK"] = str(job.local_rank)
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 

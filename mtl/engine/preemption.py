@@ -6,6 +6,9 @@ is collective, so the ranks agree on the flag at the next optimizer step and sav
 
 Ctrl-C (SIGINT) stops the same way, so an interactive run keeps its work; a second Ctrl-C while that save is
 pending gives up on it and interrupts at once.
+
+A launcher whose start-up takes seconds (imports, the process group) installs a StopFlag first thing, so a
+signal in that time is not fatal; the trainer's own StopFlag takes over what it caught (see ``install``).
 """
 
 from __future__ import annotations
@@ -34,8 +37,13 @@ class StopFlag:
         self.signum = signum
 
     def install(self) -> StopFlag:
+        """Take over the stop signals; a stop an earlier StopFlag (a launcher's) caught counts as requested."""
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._previous[sig] = previous
+            earlier = getattr(previous, "__self__", None)  # read after taking over: no signal falls in between
+            if isinstance(earlier, StopFlag) and earlier.signum is not None and self.signum is None:
+                self.signum = earlier.signum
         return self
 
     def uninstall(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -24,15 +25,33 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _slurm_train(args: argparse.Namespace) -> int:
-    from mtl.config import load_config
-    from mtl.engine.cli import print_result
+    from mtl.engine.preemption import StopFlag
+
+    # Before the seconds of imports and set-up: a USR2/SIGTERM now would kill the task instead of ending it as
+    # preempted; the trainer's StopFlag takes this one's signal over (it stops after its first step and requeues).
+    StopFlag().install()
     from mtl.launch.requeue import slurm_job_id, train_and_requeue
 
     job_id = slurm_job_id()  # outside a job: an error before anything is loaded
+    log_task_start()
+    from mtl.config import load_config
+    from mtl.engine.cli import print_result
+
     cfg = load_config(args.config, args.overrides)
     # rank, world size and the rendezvous come from SLURM's variables (mtl.engine.distributed)
     print_result(train_and_requeue(cfg, job_id, int(os.environ.get("SLURM_PROCID", "0"))))
     return 0
+
+
+def log_task_start() -> None:
+    """One line per task: where SLURM put it (rank, node, local rank), so a multi-node log shows the layout."""
+    e = {k: os.environ.get(f"SLURM{k}", "?") for k in ("_PROCID", "_NTASKS", "D_NODENAME", "_LOCALID", "_JOB_NODELIST")}
+    print(
+        f"mtl: task {e['_PROCID']} of {e['_NTASKS']} on {e['D_NODENAME']} (local {e['_LOCALID']}, "
+        f"nodes {e['_JOB_NODELIST']}): stop signals handled",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

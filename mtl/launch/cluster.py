@@ -70,6 +70,49 @@ def check_partition(partition: str | None) -> str:
     return partition
 
 
+def scontrol_records(args: list[str]) -> list[dict[str, str]]:
+    """``scontrol -o <args>``: one ``Key=Value`` dict per line (a partition, a node, a job)."""
+    proc = _run(["scontrol", "-o", *args])
+    if proc.returncode != 0:
+        raise MtlError(f"scontrol {' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
+    records = []
+    for line in proc.stdout.splitlines():
+        record: dict[str, str] = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                record.setdefault(key, value)
+        if record:
+            records.append(record)
+    return records
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """``scontrol show job``: JobState, Reason, NumNodes, Partition, ... ({} when SLURM no longer knows it)."""
+    try:
+        records = scontrol_records(["show", "job", job_id])
+    except MtlError:
+        return {}
+    return records[0] if records else {}
+
+
+def node_states(partition: str) -> dict[str, str]:
+    """``{node: state}`` of a partition's nodes, lower case (``idle``, ``drained``, ``down``...), flags stripped."""
+    proc = _run(["sinfo", "--noheader", "--Node", f"--partition={partition}", "--format=%N %T"])
+    states = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1].lower().rstrip("*~#!%$@^-")
+    return states
+
+
+def cancel(job_id: str) -> None:
+    proc = _run(["scancel", job_id])
+    if proc.returncode != 0:
+        raise MtlError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.returncode}")
+
+
 def job_state(job_id: str) -> str | None:
     """SLURM state of a job or array element (``123`` or ``123_4``), or None when SLURM no longer knows it."""
     proc = _run(["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%i %T"])

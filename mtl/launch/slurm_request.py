@@ -1,5 +1,6 @@
 """The SLURM side of `mtl submit`: its flags as slurm.* keys, tasks per node, and the request checked against the
-cluster (sbatch present, partition known, time limit longer than the preemption warning) before anything is queued.
+cluster (sbatch present, partition known, time limit longer than the preemption warning, the request within what
+the partition's nodes and limits offer) before anything is queued.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from mtl.config import Config, ConfigError, load_config
 from mtl.launch import cluster
+from mtl.launch.partition import Request, check_fits
 from mtl.launch.prepare import absolutize
 
 # `mtl submit` flag -> the slurm.* key it sets (flags win over the config file and key=value overrides).
@@ -36,8 +38,15 @@ def tasks_per_node(cfg: Config) -> int:
     return max(1, s.gpus_per_node)
 
 
+def request(cfg: Config) -> Request:
+    s = cfg.slurm
+    mem_mb = None if s.mem_gb is None else s.mem_gb * 1024
+    return Request(s.nodes, tasks_per_node(cfg), s.cpus_per_task, s.gpus_per_node, mem_mb, s.time_min)
+
+
 def check_request(cfg: Config) -> str:
-    """The SLURM side: tools present, partition known, sensible limits. Returns the partition used."""
+    """The SLURM side: tools present, partition known, sensible limits, a request the partition can run.
+    Returns the partition used."""
     s = cfg.slurm
     if s.time_min * 60 <= s.signal_delay_s:
         raise ConfigError(
@@ -47,7 +56,9 @@ def check_request(cfg: Config) -> str:
     if s.gpus_per_node == 0 and s.tasks_per_node is None and s.nodes > 1:
         raise ConfigError("slurm.gpus_per_node=0 on several nodes: set slurm.tasks_per_node (--tasks-per-node)")
     cluster.require_sbatch()
-    return cluster.check_partition(s.partition)
+    partition = cluster.check_partition(s.partition)
+    check_fits(request(cfg), partition)
+    return partition
 
 
 def load_for_submit(config: str | Path | None, overrides: list[str], flags: dict[str, object]) -> Config:

@@ -2,7 +2,11 @@
 
 The MLflow run is made here (mtl.tracking.runs), before the job is queued, so its id can be printed next to the
 job id and passed to the job (``tracking.run_id``); a requeued job carries the same config and so logs into the
-same run. If queuing fails, the run made for it is deleted again.
+same run. If sbatch refuses the job, the run made for it is ended FAILED; if the job ends without having ended
+its run (cancelled before it started, killed), ``--wait`` ends it (KILLED or FAILED).
+
+``--wait`` also gives up on a job that pends for a reason that cannot resolve itself (the request exceeds the
+partition, the nodes it needs are drained): it cancels the job and says why, instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from mtl.errors import MtlError
 from mtl.launch import cluster
 from mtl.launch.prepare import check_inputs, existing_run_id
 from mtl.launch.slurm_request import check_request, load_for_submit, tasks_per_node
-from mtl.tracking.runs import delete_runs, open_run, tag_run
+from mtl.tracking.runs import end_runs, open_run, tag_run
 
 Printer = Callable[[str], None]
 
@@ -36,6 +40,7 @@ class Queued:
     name: str
     run_id: str | None
     output_dir: str
+    tracking_uri: str | None = None
 
     @property
     def job_id(self) -> str:
@@ -47,6 +52,12 @@ class Queued:
 
 
 # --------------------------------------------------------------------------------------------- executor
+
+
+def last_line(exc: BaseException) -> str:
+    """The part of an sbatch failure worth showing (submitit's message ends with sbatch's own error)."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
 
 
 def slug(text: str, limit: int) -> str:
@@ -120,12 +131,83 @@ def outcome(q: Queued, state: str | None) -> Outcome:
     return Outcome(state or "UNKNOWN", None, detail)
 
 
-def wait_all(queued: Sequence[Queued], out: Printer = echo, poll_s: float = 2.0, grace_s: float = 20.0) -> list:
+# PENDING reasons that waiting does not resolve: the request exceeds the partition (changed since `mtl submit`
+# checked it, or a limit it cannot see), or the account/QOS may not use it. Missing nodes: see _nodes_gone.
+HOPELESS_REASONS = {
+    "PartitionConfig": "the request exceeds what the partition's nodes have",
+    "PartitionNodeLimit": "the node count is outside the partition's limits",
+    "PartitionTimeLimit": "the time limit is over the partition's",
+    "PartitionInactive": "the partition takes no jobs",
+    "BadConstraints": "no node has the requested features and sizes",
+    "InvalidAccount": "the account is not valid",
+    "InvalidQOS": "the QOS is not valid",
+    "AccountNotAllowed": "the account may not use the partition",
+    "QOSNotAllowed": "the QOS may not use the partition",
+    "DependencyNeverSatisfied": "its dependency can never be satisfied",
+}  # fmt: skip
+
+
+def _never_back(state: str) -> bool:
+    """Drained or failed nodes wait for an administrator; a down node returns when its slurmd registers."""
+    return "drain" in state or state.startswith(("fail", "inval"))
+
+
+def _nodes_gone(record: dict[str, str], since: dict[str, float], down_grace_s: float) -> str | None:
+    """Why the job's partition will not have enough nodes for it (ReqNodeNotAvail, "Nodes required for job are
+    DOWN, DRAINED ..."), or None: fewer nodes than it needs that are not drained or failed, or fewer that are not
+    also down, for longer than ``down_grace_s``."""
+    job_id, partition = record.get("JobId", ""), record.get("Partition", "")
+    m = re.match(r"\d+", record.get("NumNodes", ""))
+    if not partition or m is None:
+        return None
+    needed = int(m.group())
+    states = {}
+    for part in partition.split(","):
+        states.update(cluster.node_states(part))
+    if not states:
+        return None
+    never = sorted(n for n, s in states.items() if _never_back(s))
+    down = sorted(n for n, s in states.items() if s.startswith("down") and n not in never)
+    left = len(states) - len(never)
+    listed = ", ".join(f"{n} {states[n]}" for n in [*never, *down])
+    if left < needed:
+        return f"it needs {needed} node(s); partition {partition} has {left} not drained or failed ({listed})"
+    if left - len(down) < needed:
+        first = since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - first > down_grace_s:
+            return f"it needs {needed} node(s) and the others of partition {partition} stayed down ({listed})"
+    else:
+        since.pop(job_id, None)
+    return None
+
+
+def _hopeless(job_id: str, since: dict[str, float], down_grace_s: float) -> str | None:
+    """Why a PENDING job will never start, or None while it may."""
+    record = cluster.job_record(job_id)
+    if record.get("JobState") != "PENDING":
+        return None
+    reason = record.get("Reason", "").replace("_", " ")
+    key = reason.split(",")[0].strip()
+    if key in HOPELESS_REASONS:
+        return f"{key}: {HOPELESS_REASONS[key]}"
+    gone = _nodes_gone(record, since, down_grace_s)
+    return f"{reason}: {gone}" if gone else None
+
+
+def wait_all(
+    queued: Sequence[Queued],
+    out: Printer = echo,
+    poll_s: float = 2.0,
+    grace_s: float = 20.0,
+    down_grace_s: float = 300.0,
+) -> list:
     """Block until every job has ended, printing state changes; SLURM's state, not only submitit's files, so a
-    job killed before writing a result (node failure, scancel) ends the wait too."""
+    job killed before writing a result (node failure, scancel) ends the wait too. A job that pends for a reason
+    that cannot resolve itself is cancelled. Runs of jobs that ended without ending them are ended here."""
     pending = {q.job_id: q for q in queued}
     states: dict[str, str | None] = {}
     ended_at: dict[str, float] = {}
+    pending_since: dict[str, float] = {}
     outcomes: dict[str, Outcome] = {}
     while pending:
         for job_id, q in list(pending.items()):
@@ -133,14 +215,26 @@ def wait_all(queued: Sequence[Queued], out: Printer = echo, poll_s: float = 2.0,
             if state != states.get(job_id, "-"):
                 out(f"job {job_id} ({q.name}): {state or 'gone from the queue'}")
                 states[job_id] = state
-            if state in cluster.ACTIVE_STATES:  # (rank 0 may have its result while the others still finish)
+            why = _hopeless(job_id, pending_since, down_grace_s) if state == "PENDING" else None
+            if why is not None:
+                cluster.cancel(job_id)
+                outcomes[job_id] = Outcome(
+                    "CANCELLED", None, f"it pended for a reason that does not resolve itself ({why}); cancelled it"
+                )
+            elif state in cluster.ACTIVE_STATES:  # (rank 0 may have its result while the others still finish)
                 ended_at.pop(job_id, None)
                 continue
-            ended_at.setdefault(job_id, time.monotonic())
-            # rank 0's result (a preempted rank 0 writes none), else a grace period for it to appear
-            if q.task0.paths.result_pickle.exists() or time.monotonic() - ended_at[job_id] > grace_s:
+            else:
+                ended_at.setdefault(job_id, time.monotonic())
+                # rank 0's result (a preempted rank 0 writes none), else a grace period for it to appear
+                if not q.task0.paths.result_pickle.exists() and time.monotonic() - ended_at[job_id] <= grace_s:
+                    continue
                 outcomes[job_id] = outcome(q, state)
-                del pending[job_id]
+            o = outcomes[job_id]
+            if not o.ok and q.tracking_uri:
+                status = "KILLED" if o.state in ("CANCELLED", "PREEMPTED", "TIMEOUT") else "FAILED"
+                end_runs(q.tracking_uri, [q.run_id], status, f"job {job_id} {o.state}: {o.detail}")
+            del pending[job_id]
         if pending:
             time.sleep(poll_s)
     return [outcomes[q.job_id] for q in queued]
@@ -186,10 +280,11 @@ def submit(
         executor = make_executor(cfg, partition, name)
         job = executor.submit(TrainTask(), to_dict(cfg))
     except Exception as exc:
-        if made and run_id:
-            delete_runs(cfg.tracking.uri, [run_id])
-        raise MtlError(f"sbatch refused the job: {str(exc).strip().splitlines()[-1]}") from exc
-    q = Queued(job, name, run_id, cfg.train.output_dir)
+        error = MtlError(f"sbatch refused the job: {last_line(exc)}")
+        if made:
+            end_runs(cfg.tracking.uri, [run_id], "FAILED", str(error))
+        raise error from exc
+    q = Queued(job, name, run_id, cfg.train.output_dir, cfg.tracking.uri if run_id else None)
     t0 = q.task0
     tag_run(cfg.tracking.uri, run_id, {"submit.job_id": q.job_id, "submit.stdout": str(t0.paths.stdout)})
     out(f"submitted job {q.job_id} ({describe(cfg, partition)})")

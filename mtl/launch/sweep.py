@@ -28,9 +28,9 @@ from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
 from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
 from mtl.launch import prepare, slurm_request
-from mtl.launch.submit import Printer, Queued, describe, echo, make_executor, report, slug, wait_all
+from mtl.launch.submit import Printer, Queued, describe, echo, last_line, make_executor, report, slug, wait_all
 from mtl.naming import overrides_name, to_overrides
-from mtl.tracking.runs import client, delete_runs, tag_run
+from mtl.tracking.runs import client, end_runs, tag_run
 
 _TOP_KEYS = {"name", "config", "base", "grid", "runs"}
 _FORBIDDEN = ("slurm.", "tracking.")
@@ -168,12 +168,11 @@ def submit_sweep(
         with executor.batch():
             jobs = [executor.submit(TrainTask(), p) for p in payloads]
     except Exception as exc:
-        delete_runs(t.uri, made)
-        if isinstance(exc, MtlError):
-            raise
-        raise MtlError(f"sbatch refused the job array: {str(exc).strip().splitlines()[-1]}") from exc
+        error = exc if isinstance(exc, MtlError) else MtlError(f"sbatch refused the job array: {last_line(exc)}")
+        end_runs(t.uri, made, "FAILED", str(error))
+        raise error from exc
     queued = [
-        Queued(job, name, p["tracking"]["run_id"], p["train"]["output_dir"])
+        Queued(job, name, p["tracking"]["run_id"], p["train"]["output_dir"], t.uri)
         for job, name, p in zip(jobs, names, payloads)
     ]
     array_id = queued[0].job_id.split("_")[0]

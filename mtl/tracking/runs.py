@@ -2,8 +2,9 @@
 outputs made after the run ended attached to it.
 
 `mtl submit` makes the run on the login node so that its id can be printed next to the job id and passed to the
-job (``tracking.run_id``); a submission that fails deletes the runs it made. `mtl eval` attaches its predictions
-and submission files to the run that trained the weights (``attach``).
+job (``tracking.run_id``). A run whose job never ran is ended here (FAILED when sbatch refused the job, KILLED
+when it was cancelled before it started), with the reason as a tag, so no run stays RUNNING for ever.
+`mtl eval` attaches its predictions and submission files to the run that trained the weights (``attach``).
 """
 
 from __future__ import annotations
@@ -39,12 +40,17 @@ def open_run(
     return create_run(t, run_name=name, parent_run_id=t.parent_run_id, tags=tags), True
 
 
-def delete_runs(uri: str, run_ids: Sequence[str]) -> None:
-    """Best effort: the error that made them useless is what the user needs to see, not this one."""
+def end_runs(uri: str, run_ids: Sequence[str | None], status: str, reason: str) -> None:
+    """End the runs that are still RUNNING (a job that ran ends its own), tagging ``mtl.end_reason``. Best effort:
+    the error that ended them is what the user needs to see, not one from here."""
     c = client(uri)
     for run_id in run_ids:
+        if not run_id:
+            continue
         try:
-            c.delete_run(run_id)
+            if c.get_run(run_id).info.status == "RUNNING":
+                c.set_tag(run_id, "mtl.end_reason", reason[:5000])
+                c.set_terminated(run_id, status)
         except Exception:
             pass
 
