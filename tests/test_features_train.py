@@ -165,10 +165,10 @@ def test_bad_feature_inputs_end_with_one_line(case: str, tiny_shards: Path, feat
         want = "same source shards"
     elif case == "frames_disagree":
         features = [f1, _copy_with(f2, tmp_path / "f2", _drop_last_frame)]
-        bad, want = tmp_path / "f2" / "val-00000.tar", "disagree on frames"
+        bad, want = tmp_path / "f2" / "val" / "000000.tar", "disagree on frames"
     else:
         damaged = shutil.copytree(f1, tmp_path / "f1")
-        bad = damaged / "val-00000.tar"
+        bad = damaged / "val" / "000000.tar"
         data = bytearray(bad.read_bytes())
         data[2000:2010] = b"\xff" * 10
         bad.write_bytes(bytes(data))
