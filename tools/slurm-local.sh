@@ -105,6 +105,10 @@ start_munge() {
 our_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}[0-9]+$" || true; }
 
 make_network() {
+    if ! command -v ip >/dev/null && command -v apt-get >/dev/null; then
+        log "installing iproute2 (apt-get)"
+        apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends iproute2 >/dev/null
+    fi
     command -v ip >/dev/null || die "--nodes $NODES needs the 'ip' tool (iproute2) for network namespaces"
     command -v unshare >/dev/null && command -v nsenter >/dev/null \
         || die "--nodes $NODES needs 'unshare' and 'nsenter' (util-linux) for the nodes' namespaces"
