@@ -89,7 +89,7 @@ def test_submit_two_rank_deepspeed_job_completes_into_mlflow(
     run_id = re.search(r"mlflow  new run (\w+) \(experiment 'mtl-smoke'\) in sqlite:///", proc.stdout).group(1)
     stdout_log = Path(re.search(r"stdout  (\S+)", proc.stdout).group(1))
     assert stdout_log == tmp_path / "slurm" / job / f"{job}_0_log.out" and stdout_log.is_file()
-    assert f"job {job} (smoke): completed at step 6, MLflow run {run_id}" in proc.stdout
+    assert f"job {job} (smoke train.zero_stage=2): completed at step 6, MLflow run {run_id}" in proc.stdout
 
     info = job_info(job)
     assert info["JobState"] == "COMPLETED" and info["NumTasks"] == "2" and info["Restarts"] == "0"
@@ -355,7 +355,8 @@ def test_two_node_zero2_job_completes(
     printed = _submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_two_nodes,
                       *TWO_NODE_JOB, "--folder", str(tmp_path / "slurm" / "%j"), "--wait")  # fmt: skip
     job = _job_id(printed)
-    assert "partition debug: 2 node(s) x 1 task(s)" in printed and f"job {job} (smoke): completed at step 6" in printed
+    assert "partition debug: 2 node(s) x 1 task(s)" in printed
+    assert f"job {job} (smoke train.zero_stage=2): completed at step 6" in printed
     info = job_info(job)
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]" and info["NumTasks"] == "2"
     out1 = (tmp_path / "slurm" / job / f"{job}_1_log.out").read_text()
