@@ -88,7 +88,8 @@ def test_windows_of_512_frames(tmp_path: Path) -> None:
     entry = {"path": "train-00000.tar", "bytes": (root / "train-00000.tar").stat().st_size,
              "sha256": file_sha256(root / "train-00000.tar"), "samples": 2}  # fmt: skip
     manifest = {"format": FORMAT, "source": {"shards": str(src), "manifest_sha256": file_sha256(src / MANIFEST)},
-                "extractor": {}, "dim": 24, "dtype": "float16",
+                "extractor": dict.fromkeys(("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean",
+                                            "std", "hflip_tta")), "dim": 24, "dtype": "float16",
                 "splits": {"train": {"videos": 2, "frames": 800, "frames_with_image": 0,
                                      "shards": [entry]}}}  # fmt: skip
     (root / MANIFEST).write_text(json.dumps(manifest))

@@ -17,7 +17,6 @@ repeats the same batches. Evaluation: every frame exactly once, in order, as ``p
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,47 +29,12 @@ import torch
 from mtl.data.loader import _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.errors import DataError
-from mtl.features.shards import FORMAT, FeatureSample, read_feature_shard
+from mtl.features.manifest import read_feature_manifest
+from mtl.features.shards import FeatureSample, read_feature_shard
 
 EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
 
 # ------------------------------------------------------------------------------------------------ manifests
-
-
-def _need(cond: bool, path: Path, key: str, what: str) -> None:
-    if not cond:
-        raise DataError(f"{path}: {key}: {what}")
-
-
-def read_feature_manifest(root: str | Path) -> dict:
-    """The checked manifest of one extraction; DataError naming the file and key when missing or bad."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: not found; is {root} a directory written by `mtl features`?")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    _need(isinstance(m, dict), path, "top level", "expected a mapping")
-    _need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
-    src = m.get("source")
-    _need(isinstance(src, dict) and isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256",
-          "expected the sha256 of the source manifest")  # fmt: skip
-    _need(isinstance(m.get("extractor"), dict), path, "extractor", "expected a mapping")
-    _need(isinstance(m.get("dim"), int) and m["dim"] > 0, path, "dim", "expected a positive integer")
-    splits = m.get("splits")
-    _need(isinstance(splits, dict), path, "splits", "expected a mapping")
-    for name, s in splits.items():
-        _need(isinstance(s, dict) and isinstance(s.get("shards"), list), path, f"splits.{name}.shards",
-              "expected a list")  # fmt: skip
-        for i, sh in enumerate(s["shards"]):
-            k = f"splits.{name}.shards[{i}]"
-            _need(isinstance(sh, dict) and isinstance(sh.get("path"), str), path, f"{k}.path", "expected a string")
-            for f in ("bytes", "samples"):
-                _need(isinstance(sh.get(f), int) and sh[f] >= 0, path, f"{k}.{f}", "expected a non-negative integer")
-            _need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{k}.sha256",
-                  "expected a hash")  # fmt: skip
-    return m
 
 
 def check_sources(roots: list[str] | list[Path], source_root: str | Path) -> list[dict]:

@@ -66,6 +66,7 @@ def read_feature_manifest(root: str | Path) -> dict[str, Any]:
     need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
     src = m.get("source")
     need(isinstance(src, dict) and isinstance(src.get("shards"), str), path, "source.shards", "expected a path")
+    need(isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256", "expected the source's sha256")
     ex = m.get("extractor")
     need(isinstance(ex, dict), path, "extractor", "expected a mapping")
     for k in ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta"):
