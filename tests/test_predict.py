@@ -161,3 +161,24 @@ def test_overlapping_windows_cover_every_frame_once_finished(trained_run: Path) 
             outs += pred.push(crop if i % 2 else None)
         outs += pred.finish()
         assert [o.index for o in outs] == list(range(n))
+
+
+def test_au_decisions_follow_the_runs_tuned_thresholds(trained_run: Path, tmp_path: Path) -> None:
+    """Where `mtl eval --split val` left thresholds.json beside the weights, predict decides the AUs with them."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "export" / "best.safetensors", run / "best.safetensors")
+    thresholds = [0.0] * 6 + [1.01] * 6  # first six always on, last six never
+    (run / "eval_val").mkdir()
+    (run / "eval_val" / "thresholds.json").write_text(json.dumps({"au": thresholds}))
+    frames, _ = face_frames(6)
+    folder = write_folder(tmp_path / "clip", frames)
+    proc = ok(mtl("predict", "--checkpoint", str(run / "best.safetensors"), str(folder), "--out", str(tmp_path / "o")))
+    assert "thresholds tuned" in proc.stdout
+    _, rows = _rows(tmp_path / "o" / "clip.csv")
+    assert len(rows) == 6
+    for r in rows:
+        assert [r[n] for n in ACTION_UNITS] == ["1"] * 6 + ["0"] * 6

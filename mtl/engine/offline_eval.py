@@ -35,13 +35,13 @@ THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresh
 
 def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | None]:
     """Thresholds `mtl eval --split val` tuned on this run's validation split, where it has run."""
-    for path in (eval_dir(checkpoint, "val") / THRESHOLDS_FILE, Path(checkpoint) / "eval_val" / THRESHOLDS_FILE):
-        if path.is_file():
-            try:
-                return {k: np.asarray(v, dtype=float) for k, v in json.loads(path.read_text()).items()}, path
-            except (ValueError, AttributeError) as exc:
-                raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
-    return {}, None
+    path = eval_dir(checkpoint, "val") / THRESHOLDS_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        return {k: np.asarray(v, dtype=float) for k, v in json.loads(path.read_text()).items()}, path
+    except (ValueError, AttributeError) as exc:
+        raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
 
 
 def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:

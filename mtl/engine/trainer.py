@@ -317,8 +317,9 @@ class Trainer:
             tags = {"last": last, "best": self.state.best_tag or last}
             # The run that made them travels with the weights (`mtl eval` logs its outputs there).
             tracking = replace(self.cfg.tracking, run_id=self.tracker.run_id, uri=self.tracker.uri)
+            consolidated = {tag: consolidate(self.run_dir.checkpoints, tag) for tag in set(tags.values())}  # once each
             for name in EXPORTS:
-                weights = consolidate(self.run_dir.checkpoints, tags[name])
+                weights = consolidated[tags[name]]
                 save_weights(weights, self.run_dir.export_file(name), to_dict(replace(self.cfg, tracking=tracking)))
         barrier()
 

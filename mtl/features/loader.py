@@ -29,10 +29,8 @@ import torch
 from mtl.data.loader import _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.errors import DataError
-from mtl.features.manifest import read_feature_manifest
+from mtl.features.manifest import EXTRACTOR_KEYS, read_feature_manifest
 from mtl.features.shards import FeatureSample, read_feature_shard
-
-EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
 
 # ------------------------------------------------------------------------------------------------ manifests
 

@@ -52,6 +52,9 @@ def write_feature_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
+
+
 def read_feature_manifest(root: str | Path) -> dict[str, Any]:
     """The validated manifest of a feature cache; DataError naming the file and the key when missing or bad."""
     root = Path(root)
@@ -69,7 +72,7 @@ def read_feature_manifest(root: str | Path) -> dict[str, Any]:
     need(isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256", "expected the source's sha256")
     ex = m.get("extractor")
     need(isinstance(ex, dict), path, "extractor", "expected a mapping")
-    for k in ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta"):
+    for k in EXTRACTOR_KEYS:
         need(k in ex, path, f"extractor.{k}", "missing")
     need(is_count(m.get("dim")) and m["dim"] > 0, path, "dim", "expected a positive integer")
     need(m.get("dtype") in DTYPES, path, "dtype", f"expected one of {DTYPES}")

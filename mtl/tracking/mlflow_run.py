@@ -92,8 +92,8 @@ class Tracker:
 
     def _last_steps(self) -> dict[str, int]:
         """Steps a killed attempt logged after its last checkpoint come again after the resume: log them once."""
-        keys = self.client.get_run(self.run_id).data.metrics
-        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+        # a run's latest value of a key is the one at its highest step, so one get_run tells every key's last step
+        return {m.key: m.step for m in self.client.get_run(self.run_id).data.to_proto().metrics}
 
     @property
     def resumed(self) -> bool:
