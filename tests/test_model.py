@@ -273,3 +273,27 @@ def test_param_groups_follow_layer_decay() -> None:
         no_decay = p.ndim <= 1 or name in ("masker.mask_token", "temporal.pos")
         assert by_param[id(p)]["weight_decay"] == (0.0 if no_decay else 0.05), name
     assert torch.optim.AdamW(groups)  # the groups are what AdamW takes
+
+
+@pytest.mark.parametrize("mode", ["token", "feature"])
+def test_masking_before_or_after_the_trunk_projection_is_the_same(mode: str) -> None:
+    """The masker embeds frames and token apart (cheaper backward on wide features); outputs and every gradient
+    equal embedding the masked sequence, and an imageless row holding NaN reaches neither."""
+    proj = torch.nn.Linear(64, 8)
+    masker = FrameMasker(64, mode=mode, prob=0.4)
+    feats = torch.randn(4, 20, 64)
+    has_image = torch.rand(4, 20) > 0.2
+    feats[~has_image] = float("nan")  # a row nobody should read
+    grads = []
+    for embed in (False, True):
+        torch.manual_seed(3)
+        for p in (*proj.parameters(), masker.mask_token):
+            p.grad = None
+        x = feats.clone().requires_grad_(True)
+        out = masker(x, has_image, embed=proj) if embed else proj(masker(x.nan_to_num(0.0), has_image))
+        assert torch.isfinite(out).all()
+        out.square().sum().backward()
+        grads.append([out.detach(), proj.weight.grad, proj.bias.grad, masker.mask_token.grad, x.grad[has_image]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    assert grads[1][3].abs().sum() > 0  # the token was used and learns

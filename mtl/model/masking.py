@@ -4,6 +4,8 @@ become a learned mask token, so the trunk learns to fill gaps from context (mask
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,8 +34,14 @@ class FrameMasker(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, feats: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """feats [B,T,D] (rows of imageless frames are ignored), has_image bool [B,T] -> [B,T,D]."""
+    def forward(self, feats: torch.Tensor, has_image: torch.Tensor,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """feats [B,T,D] (rows of imageless frames are ignored), has_image bool [B,T] -> [B,T,D], or embed's width.
+
+        ``embed`` (a row-wise affine map, the trunk's input projection) is applied to the frames and to the token
+        before choosing between them: the same result as embedding the masked sequence, but backward then needs
+        no gradient over the [B,T,D] input, which dominates a step on wide cached features.
+        """
         token = self.mask_token.to(feats.dtype)
         keep = has_image
         if self.training and self.prob > 0:
@@ -42,4 +50,7 @@ class FrameMasker(nn.Module):
                 keep = keep & ~drop
             elif self.mode == "feature":
                 feats = F.dropout(feats, p=self.prob, training=True)
-        return torch.where(keep.unsqueeze(-1), feats, token)
+        if embed is None:
+            return torch.where(keep.unsqueeze(-1), feats, token)
+        feats = feats.masked_fill(~has_image.unsqueeze(-1), 0.0)  # never let a non-finite unused row reach backward
+        return torch.where(keep.unsqueeze(-1), embed(feats), embed(token))

@@ -72,8 +72,12 @@ class MultiTaskNet(nn.Module):
     def forward(self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> dict[str, torch.Tensor]:
         has_image = has_image & ~pad
         feats = frames if self.encoder is None else self.encode_frames(frames, has_image, pad)
-        seq = self.masker(feats, has_image)
-        return self.heads(self.temporal(seq, pad))
+        return self.from_features(feats, has_image, pad)
+
+    def from_features(self, feats: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the frame encoder: features [B,T,D] (has_image already excludes pad) -> task outputs."""
+        seq = self.masker(feats, has_image, embed=self.temporal.proj)
+        return self.heads(self.temporal(seq, pad, embedded=True))
 
     def data_config(self) -> dict[str, tuple[float, float, float]]:
         """The backbone's input normalisation, for the loaders."""

@@ -36,11 +36,13 @@ class TemporalEncoder(nn.Module):
             self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, embedded: bool = False) -> torch.Tensor:
+        """``embedded``: x is already ``proj``'s output [B,T,dim] (the masker applies it, see FrameMasker)."""
+        h = x if embedded else self.proj(x)
+        t = h.shape[1]
         if t > self.max_len:
             raise MtlError(f"clip of {t} frames exceeds model.temporal.max_len ({self.max_len})")
-        h = self.drop(self.proj(x) + self.pos[:t].to(x.dtype))
+        h = self.drop(h + self.pos[:t].to(h.dtype))
         if self.encoder is not None:
             # A row of padding only (an empty eval batch) would softmax over no keys -> NaN; let it attend to
             # its first position instead. Its outputs are pad and never scored.

@@ -119,8 +119,7 @@ class WindowedPredictor:
                     has_image[b, j] = True
                 pad[b, j] = False
         feats, has_image, pad = feats.to(self.device), has_image.to(self.device), pad.to(self.device)
-        m = self.model
-        out = m.heads(m.temporal(m.masker(feats, has_image & ~pad), pad))  # MultiTaskNet.forward after the encoder
+        out = self.model.from_features(feats, has_image & ~pad, pad)
         parts = [t.predict(out[t.name].float()) for t in self.tasks]
         self.sizes = [p.shape[-1] for p in parts]
         values = torch.cat(parts, -1)
