@@ -198,6 +198,9 @@ class SlurmConfig(_Section):
     signal_delay_s: Int = Field(90, ge=0)
     folder: Str = "runs/slurm/%j"
     max_requeue: Int = Field(3, ge=0)
+    # `mtl submit` also queues a 1-CPU job (afterany on the training jobs, mtl.launch.watch) that ends the MLflow
+    # runs its jobs left RUNNING: cancelled before they started, or killed outright
+    watch_runs: Bool = True
 
 
 class Config(_Section):

@@ -78,6 +78,12 @@ def _job_id(stdout: str) -> str:
     return m.group(1)
 
 
+def _watcher_id(stdout: str) -> str:
+    m = re.search(r"watcher job (\d+) ends the run", stdout)
+    assert m, f"no run watcher in:\n{stdout}"
+    return m.group(1)
+
+
 def test_submit_two_rank_deepspeed_job_completes_into_mlflow(
     slurm_cluster: str, tiny_shards: Path, tmp_path: Path
 ) -> None:
@@ -114,8 +120,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
     out, db, folder = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "slurm" / "%j"
     # ~50 ms a step here: 100 steps leave seconds between the first checkpoint (step 10) and the end.
     args = smoke_overrides(tiny_shards, out, db, "train.max_steps=100", "train.ckpt_every=10", "train.keep_last=5")
-    job = _job_id(_submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
-                          "--folder", str(folder)))  # fmt: skip
+    printed = _submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                      "--folder", str(folder))  # fmt: skip
+    job, watcher = _job_id(printed), _watcher_id(printed)
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
     subprocess.run([*STOPS[how], job], check=True)
     info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
@@ -133,6 +140,39 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
     assert r.data.tags["resumed_from"] == f"step_{preempted_at:08d}"  # resumed from the preemption checkpoint
     assert _steps(db, r.info.run_id) == list(range(1, 101))  # every step once: none repeated, none skipped
     assert "restart 1" in err
+    # the run watcher was not released by the requeue: it ran once, after the end, and left the run alone
+    wait_for_state(watcher, {"COMPLETED"}, timeout=60)
+    watch_log = (tmp_path / "slurm" / job / f"watch_{watcher}.log").read_text()
+    assert watch_log.strip() == f"job {job}: run {r.info.run_id} is FINISHED: nothing to do", watch_log
+
+
+def test_a_job_cancelled_before_it_starts_has_its_run_ended_by_the_watcher(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """No --wait: the job pends behind another one and is cancelled; it never runs, its watcher ends its run."""
+    db = tmp_path / "mlflow.db"
+    blocker = ok(run(["sbatch", "--parsable", f"--partition={slurm_cluster}", "--exclusive", "--time=5",
+                      "--output=/dev/null", "--wrap", "sleep 300"])).stdout.strip()  # fmt: skip
+    try:
+        wait_for_state(blocker, {"RUNNING"}, timeout=60)
+        args = smoke_overrides(tiny_shards, tmp_path / "run", db)
+        printed = _submit(monkeypatch, capsys, "--config", str(SMOKE), *args, "--partition", slurm_cluster, *CPU_JOB,
+                          "--folder", str(tmp_path / "slurm" / "%j"))  # fmt: skip
+        job, watcher = _job_id(printed), _watcher_id(printed)
+        time.sleep(2)
+        assert job_info(job)["JobState"] == "PENDING" and job_info(watcher)["Reason"] == "Dependency"
+        (r,) = _runs(db)
+        assert r.info.status == "RUNNING" and r.data.tags["submit.watcher_job_id"] == watcher
+        subprocess.run(["scancel", job], check=True)
+    finally:
+        subprocess.run(["scancel", blocker], check=True)
+    wait_for_state(watcher, {"COMPLETED"}, timeout=90)
+    (r,) = _runs(db)
+    reason = r.data.tags["mtl.end_reason"]
+    assert r.info.status == "KILLED", reason
+    assert reason.startswith(f"job {job} ended CANCELLED before it started") and f"(job {watcher})" in reason, reason
+    watch_log = (tmp_path / "slurm" / job / f"watch_{watcher}.log").read_text()
+    assert f"job {job}: run {r.info.run_id} ended KILLED" in watch_log, watch_log
 
 
 def test_cancelled_job_saves_and_stays_cancelled(

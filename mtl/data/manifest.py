@@ -65,6 +65,21 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     return path
 
 
+def load_manifest_json(root: Path, fmt: str, what: str) -> dict[str, Any]:
+    """``root/manifest.json`` parsed, a mapping of format ``fmt``; DataError naming the file otherwise (``what``:
+    the end of "is ROOT ..." when it is missing)."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: not found; is {root} {what}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    need(isinstance(manifest, dict), path, "top level", "expected a mapping")
+    need(manifest.get("format") == fmt, path, "format", f"expected {fmt!r}, got {manifest.get('format')!r}")
+    return manifest
+
+
 def need(cond: bool, path: Path, key: str, what: str) -> None:
     """A manifest check: DataError naming the file and the key when ``cond`` fails."""
     if not cond:
@@ -148,16 +163,8 @@ def _check_unlabeled(path: Path, key: str, s: dict) -> None:
 def read_manifest(root: str | Path) -> dict:
     """The validated manifest of a packed data root; DataError naming the file and key when missing or bad."""
     root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        hint = " (an interrupted pack? rerun `mtl pack`)" if (root / ".pack-plan.json").exists() else ""
-        raise DataError(f"{path}: not found; is {root} a directory written by `mtl pack`?{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    need(isinstance(manifest, dict), path, "top level", "expected a mapping")
-    need(manifest.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {manifest.get('format')!r}")
+    hint = " (an interrupted pack? rerun `mtl pack`)" if (root / ".pack-plan.json").exists() else ""
+    path, manifest = root / MANIFEST, load_manifest_json(root, FORMAT, f"a directory written by `mtl pack`?{hint}")
     need(isinstance(manifest.get("params"), dict), path, "params", "expected a mapping")
     splits = manifest.get("splits")
     need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")

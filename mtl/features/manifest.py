@@ -36,8 +36,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mtl.data.manifest import MANIFEST, is_count, need
-from mtl.errors import DataError
+from mtl.data.manifest import MANIFEST, is_count, load_manifest_json, need
 from mtl.features.shards import FORMAT
 
 DTYPES = ("float16", "float32")
@@ -59,14 +58,7 @@ def read_feature_manifest(root: str | Path) -> dict[str, Any]:
     """The validated manifest of a feature cache; DataError naming the file and the key when missing or bad."""
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: not found; is {root} a folder written by `mtl features` (and did it finish)?")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    need(isinstance(m, dict), path, "top level", "expected a mapping")
-    need(m.get("format") == FORMAT, path, "format", f"expected {FORMAT!r}, got {m.get('format')!r}")
+    m = load_manifest_json(root, FORMAT, "a folder written by `mtl features` (and did it finish)?")
     src = m.get("source")
     need(isinstance(src, dict) and isinstance(src.get("shards"), str), path, "source.shards", "expected a path")
     need(isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256", "expected the source's sha256")

@@ -6,6 +6,7 @@ Job states come from ``squeue --states=all`` first (it needs no accounting datab
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -20,9 +21,9 @@ ACTIVE_STATES = frozenset(
 )  # fmt: skip
 
 
-def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except FileNotFoundError:
         raise MtlError(f"'{cmd[0]}' not found on PATH: is this a SLURM login node?") from None
     except subprocess.TimeoutExpired:
@@ -128,6 +129,21 @@ def job_state(job_id: str) -> str | None:
             if jid == job_id and state:
                 return state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
     return None
+
+
+def sbatch(args: list[str]) -> str:
+    """``sbatch --parsable ARGS``: the new job's id. From inside a job, that job's own SLURM_* variables (which
+    sbatch would read as requests) are not passed on."""
+    require_sbatch()
+    env = None
+    if "SLURM_JOB_ID" in os.environ:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    proc = _run(["sbatch", "--parsable", *args], env=env)
+    job_id = proc.stdout.strip().split(";")[0]
+    if proc.returncode != 0 or not job_id.isdigit():
+        lines = proc.stderr.strip().splitlines()
+        raise MtlError(f"sbatch failed: {lines[-1] if lines else proc.returncode}")
+    return job_id
 
 
 def requeue(job_id: str) -> None:

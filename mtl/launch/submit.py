@@ -3,7 +3,8 @@
 The MLflow run is made here (mtl.tracking.runs), before the job is queued, so its id can be printed next to the
 job id and passed to the job (``tracking.run_id``); a requeued job carries the same config and so logs into the
 same run. If sbatch refuses the job, the run made for it is ended FAILED; if the job ends without having ended
-its run (cancelled before it started, killed), ``--wait`` ends it (KILLED or FAILED).
+its run (cancelled before it started, killed), the run watcher queued next to it (mtl.launch.watch) ends it,
+KILLED or FAILED, and so does ``--wait`` when it sees the job end.
 
 ``--wait`` also gives up on a job that pends for a reason that cannot resolve itself (the request exceeds the
 partition, the nodes it needs are drained): it cancels the job and says why, instead of waiting for ever.
@@ -23,6 +24,7 @@ from mtl.errors import MtlError
 from mtl.launch import cluster
 from mtl.launch.prepare import check_inputs, existing_run_id
 from mtl.launch.slurm_request import check_request, load_for_submit, tasks_per_node
+from mtl.launch.watch import queue_watcher
 from mtl.tracking.runs import end_runs, open_run, tag_run
 
 Printer = Callable[[str], None]
@@ -240,6 +242,21 @@ def wait_all(
     return [outcomes[q.job_id] for q in queued]
 
 
+def watch(cfg: Config, queued: Sequence[Queued], partition: str, out: Printer = echo) -> None:
+    """Queue the run watcher of these jobs (slurm.watch_runs), or say why their runs are not watched."""
+    pairs = [(q.job_id, q.run_id) for q in queued if q.run_id and q.tracking_uri]
+    if not pairs or not cfg.slurm.watch_runs:
+        return
+    try:
+        watcher = queue_watcher(pairs, cfg.tracking.uri, partition, Path(queued[0].task0.paths.folder))
+    except MtlError as exc:
+        out(f"  watcher not queued ({exc}): a job cancelled before it starts leaves its run RUNNING")
+        return
+    for _, run_id in pairs:
+        tag_run(cfg.tracking.uri, run_id, {"submit.watcher_job_id": watcher})
+    out(f"  watcher job {watcher} ends the run(s) their job leaves RUNNING (cancelled before it starts, killed)")
+
+
 def report(q: Queued, o: Outcome, out: Printer = echo) -> None:
     if o.ok and o.result:
         r = o.result
@@ -294,6 +311,7 @@ def submit(
         how = "new" if made else "continuing"
         out(f"  mlflow  {how} run {run_id} (experiment '{cfg.tracking.experiment}') in {cfg.tracking.uri}")
     out(f"  output  {cfg.train.output_dir}")
+    watch(cfg, [q], partition, out)
     if not wait:
         return 0
     (o,) = wait_all([q], out)

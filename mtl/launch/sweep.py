@@ -28,7 +28,7 @@ from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
 from mtl.engine.layout import RUN_ID_FILE
 from mtl.errors import MtlError
 from mtl.launch import prepare, slurm_request
-from mtl.launch.submit import Printer, Queued, describe, echo, last_line, make_executor, report, slug, wait_all
+from mtl.launch.submit import Printer, Queued, describe, echo, last_line, make_executor, report, slug, wait_all, watch
 from mtl.naming import overrides_name, to_overrides
 from mtl.tracking.runs import client, end_runs, tag_run
 
@@ -187,6 +187,7 @@ def submit_sweep(
     for q in queued:
         out(f"  {q.job_id}  run {q.run_id}  {q.name}")
         out(f"      stdout {q.task0.paths.stdout}")
+    watch(first, queued, partition, out)
     if not wait:
         return 0
     outcomes = wait_all(queued, out)
