@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DRIVER, REPO, SMOKE, mtl, ok, smoke_overrides, torchrun
+from conftest import DRIVER, REPO, SMOKE, mtl, ok, run, smoke_overrides, torchrun
 from feature_fixtures import make_features
 from mlflow.tracking import MlflowClient
 
@@ -241,3 +242,65 @@ def test_features_demo_config_learns(tmp_path: Path) -> None:
                   "train.max_steps=100", "train.eval_every=50"))  # fmt: skip
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scores["va_ccc"] > 0.4 and scores["mtl_score"] > 0.9, scores
+
+
+@pytest.mark.parametrize("legs", [[(2, 2, 1)], [(2, 2, 3), (1, 3, 2)], [(3, 1, 2)]])
+def test_resumed_on_another_world_size_no_window_is_read_twice(legs: list[tuple[int, int, int]]) -> None:
+    """An epoch read by earlier set-ups (world size, batch, batches per rank), then finished on 2 ranks x 2:
+    every window once at most, only a remainder under 2 x 2 left out, and each keeps its augmentation."""
+    from mtl.data.loader import Leg
+    from mtl.features.loader import FeatureSplit, FeatureTrainLoader, Video
+
+    rng = np.random.default_rng(0)
+    videos = []
+    for i, n in enumerate([37, 50, 9, 64, 23]):
+        labels = {"va": rng.uniform(-1, 1, (n, 2)).astype(np.float32), "expr": rng.integers(0, 8, n),
+                  "au": rng.integers(0, 2, (n, 12)).astype(np.int8)}  # fmt: skip
+        videos.append(Video(f"v{i}", np.arange(n), np.ones(n, bool), rng.normal(size=(n, 6)).astype(np.float16),
+                            labels))  # fmt: skip
+    split = FeatureSplit(videos, 6)
+    data = from_dict({"data": {"clip_len": 8, "batch_size": 2, "feature_augment": {"dropout": 0.3}}}).data
+    kw = {"epoch": 1, "seed": 5}
+
+    def loader(world: int, batch: int, rank: int, done=()):
+        d = from_dict({"data": {"clip_len": 8, "batch_size": batch, "feature_augment": {"dropout": 0.3}}}).data
+        return FeatureTrainLoader(split, d, rank=rank, world_size=world, legs=done, **kw)
+
+    read: list[int] = []
+    done: list[Leg] = []
+    for world, batch, batches in legs:
+        for r in range(world):
+            read += loader(world, batch, r, done).index[: batches * batch]
+        done.append(Leg(world_size=world, batch_size=batch, workers=1, shuffle_buffer=0, batches=batches))
+    last = [loader(2, 2, r, done) for r in range(2)]
+    assert len(last[0]) == len(last[1]) > 0
+    read += last[0].index + last[1].index
+    n_windows = len(FeatureTrainLoader(split, data, rank=0, world_size=1, **kw).windows)
+    assert len(read) == len(set(read)), "a window was read twice in the epoch"
+    assert n_windows - 2 * 2 < len(read) <= n_windows
+    # a window keeps its augmentation whichever rank and leg read it
+    plain = FeatureTrainLoader(split, data, rank=0, world_size=1, **kw)
+    i = last[1].index[0]
+    j = plain.index.index(i)
+    assert torch.equal(last[1].batch(0)["features"][0], plain.batch(j // 2)["features"][j % 2])
+
+
+@pytest.mark.slow
+def test_features_run_stopped_on_two_ranks_finishes_its_epoch_on_one(tiny_shards: Path, feats, tmp_path: Path) -> None:
+    """Mid-epoch on 2 ranks (ZeRO-2), resumed on 1 (universal checkpoint): every window of epoch 0 once."""
+    f1, _ = feats
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    args = smoke_overrides(tiny_shards, out, db, f"data.features=[{f1}]", "data.clip_len=8", "data.batch_size=1",
+                           "train.ckpt_every=100")  # fmt: skip
+    cfg = load_config(SMOKE, args)
+    n = len(DataSource(cfg).train_loader(rank=0, world_size=1, epoch=0, seed=cfg.train.seed).windows)
+    assert n >= 6
+    steps = 2 + (n - 4)  # 2 steps of 2 windows on 2 ranks, then the rest of the epoch one window a step
+    first = torchrun(2, [str(DRIVER), "stop_at_step=2", str(SMOKE), *args, f"train.max_steps={steps}"])
+    results = {tuple(line.split()[2:4]) for line in first.stdout.splitlines() if line.startswith("RESULT ")}
+    assert results == {("preempted", "2")}, first.stderr[-3000:]
+    second = ok(run([sys.executable, str(DRIVER), "plain", str(SMOKE), *args, f"train.max_steps={steps}"]))
+    assert "resuming from DeepSpeed's universal checkpoint" in second.stderr
+    ids = [int(i) for launch in (first, second) for line in launch.stdout.splitlines()
+           if line.startswith("SAMPLES ") and line.split()[2] == "0" for i in line.split()[3:]]  # fmt: skip
+    assert sorted(ids) == list(range(n)), f"epoch 0 read {sorted(ids)} of {n} windows"

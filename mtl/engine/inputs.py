@@ -14,7 +14,7 @@ import torch
 from mtl.config import Config
 from mtl.data.loader import Leg, make_eval_loader, make_train_loader
 from mtl.engine.model_io import Norm, input_norm
-from mtl.errors import DataError, MtlError
+from mtl.errors import DataError
 from mtl.features.loader import (
     FeatureEvalLoader,
     FeatureSplit,
@@ -69,14 +69,9 @@ class DataSource:
             mean, std = self._norm()
             return make_train_loader(d, mean=mean, std=std, rank=rank, world_size=world_size, epoch=epoch,
                                      seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
-        if legs:
-            raise MtlError(
-                f"{self.features[0]}: a run on cached features resumed mid-epoch on another world size; resume it "
-                "on the world size it was saved with (the feature loader cannot remap an epoch's position yet)"
-            )
         loader = FeatureTrainLoader(self.split(d.train_split), d, rank=rank, world_size=world_size, epoch=epoch,
-                                    seed=seed, skip_batches=skip_batches)  # fmt: skip
-        if len(loader) == 0:
+                                    seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
+        if len(loader) == 0 and not legs:  # (the last leg of an epoch may have no whole batch left)
             raise DataError(
                 f"{self.features[0]}: split {d.train_split!r} gives fewer windows of {d.clip_len} frames than "
                 f"world_size x data.batch_size = {world_size * d.batch_size}; use a smaller batch or data.clip_len"

@@ -11,14 +11,16 @@ Batches follow the pixel loaders' contract (``mtl.data.loader``) with ``features
 all windows with a seed every rank shares, and cuts them into equal contiguous pieces, one per rank (so all ranks
 run the same number of steps; a remainder of fewer than ranks x batch windows is left out that epoch). Each window
 draws its augmentation (feature dropout, temporal jitter) from a seed of (seed, epoch, window), so a resumed epoch
-repeats the same batches. Evaluation: every frame exactly once, in order, as ``plan_eval`` cuts pixel clips.
+repeats the same batches. A run resumed mid-epoch on another world size or batch size passes the earlier set-ups'
+``Leg``s: the windows they read are taken out and the rest of the epoch is cut over the new ranks, so no window is
+read twice in an epoch. Evaluation: every frame exactly once, in order, as ``plan_eval`` cuts pixel clips.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.data.loader import _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
+from mtl.data.loader import Leg, _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.errors import DataError
 from mtl.features.manifest import EXTRACTOR_KEYS, read_feature_manifest
@@ -199,6 +201,19 @@ def plan_windows(lengths: list[int], clip_len: int, *, epoch: int, seed: int) ->
     return [out[i] for i in order]
 
 
+def unread_windows(n: int, legs: Sequence[Leg]) -> list[int]:
+    """Indices of the epoch's ``n`` planned windows that no earlier leg read, in plan order. A leg cut the windows
+    left before it into contiguous pieces of ``train_batches_per_epoch`` batches, one per rank, and each rank read
+    the first ``batches`` of its piece."""
+    left = list(range(n))
+    for leg in legs:
+        per_rank = train_batches_per_epoch(len(left), leg.world_size, leg.batch_size) * leg.batch_size
+        read = min(leg.batches * leg.batch_size, per_rank)
+        done = {i for r in range(leg.world_size) for i in left[r * per_rank : r * per_rank + read]}
+        left = [i for i in left if i not in done]
+    return left
+
+
 # ------------------------------------------------------------------------------------------------ batches
 
 
@@ -214,18 +229,21 @@ def _to_torch(arrays: dict) -> dict:
 
 
 class FeatureTrainLoader:
-    """One rank's training batches of one epoch (``len()`` batches; ``skip_batches`` resumes mid-epoch)."""
+    """One rank's training batches of one epoch (``len()`` batches; ``skip_batches`` resumes mid-epoch, ``legs``
+    are the parts of the epoch read before under other set-ups)."""
 
     def __init__(self, split: FeatureSplit, data_cfg, *, rank: int, world_size: int, epoch: int, seed: int,
-                 skip_batches: int = 0) -> None:  # fmt: skip
+                 skip_batches: int = 0, legs: Sequence[Leg] = ()) -> None:  # fmt: skip
         self.split, self.cfg = split, data_cfg
         self.t, self.b = data_cfg.clip_len, data_cfg.batch_size
         self.epoch, self.seed, self.skip = epoch, seed, max(0, skip_batches)
         windows = plan_windows(split.lengths, self.t, epoch=epoch, seed=seed)
-        self.n_batches = train_batches_per_epoch(len(windows), world_size, self.b)
+        left = unread_windows(len(windows), legs)
+        self.n_batches = train_batches_per_epoch(len(left), world_size, self.b)
         first = rank * self.n_batches * self.b
-        self.windows = windows[first : first + self.n_batches * self.b]
-        self.first = first  # the epoch-wide index of this rank's first window (its augmentation seed)
+        # epoch-wide indices of this rank's windows: they name each window's augmentation seed
+        self.index = left[first : first + self.n_batches * self.b]
+        self.windows = [windows[i] for i in self.index]
 
     def __len__(self) -> int:
         return self.n_batches
@@ -247,7 +265,7 @@ class FeatureTrainLoader:
             vi, a = self.windows[w]
             v = self.split.videos[vi]
             b = min(a + self.t, len(v))
-            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.first + w, 0xA6))
+            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.index[w], 0xA6))
             src = np.arange(a, b)
             if aug.jitter:  # a neighbour's feature (one with an image) stands in for the frame's own
                 moved = np.clip(src + rng.integers(-aug.jitter, aug.jitter + 1, len(src)), 0, len(v) - 1)
@@ -258,7 +276,7 @@ class FeatureTrainLoader:
                 feats *= keep / np.float32(1 - aug.dropout)
             arrays["features"][k, : b - a] = feats
             put_labels(arrays, k, v, a, b)
-            ids[k] = vi
+            ids[k] = self.index[w]  # the window is this path's training sample
         return _to_torch({**arrays, "sample": ids})
 
 
