@@ -143,7 +143,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(
     # the run watcher was not released by the requeue: it ran once, after the end, and left the run alone
     wait_for_state(watcher, {"COMPLETED"}, timeout=60)
     watch_log = (tmp_path / "slurm" / job / f"watch_{watcher}.log").read_text()
-    assert watch_log.strip() == f"job {job}: run {r.info.run_id} is FINISHED: nothing to do", watch_log
+    assert f"job {job}: run {r.info.run_id} is FINISHED: nothing to do" in watch_log, watch_log
+    assert " ended " not in watch_log and "watching it further" not in watch_log, watch_log
 
 
 def test_a_job_cancelled_before_it_starts_has_its_run_ended_by_the_watcher(
