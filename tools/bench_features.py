@@ -14,7 +14,7 @@
   not by frames. ``demo-64`` reads the backbone out as the recipe does (avg, a few hundred bytes a frame);
   ``demo-64-flatten`` as configs/features-demo.yaml does (all 64 tokens, 8192 values a frame), where the trunk's
   8192x128 input projection alone costs about 2M multiply-adds a frame (forward and weight gradient) against the
-  frozen backbone's 50M, which caps the speed-up near 15x there.
+  frozen backbone's 50M, which keeps the speed-up well under 20x there.
 
     python tools/bench_features.py                       # both parts, JSON in bench-results/features.json
     python tools/bench_features.py --parts train_epoch --cases demo-64
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mtl.config import read_yaml
 from mtl.data.pack import pack
 from mtl.data.synth import make_synth
 from mtl.features.extract import ExtractSpec, extract, load_encoder
@@ -91,10 +92,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------------ training epoch
 
-DEMO = {
-    "backbone": "vit_tiny_patch16_224",
-    "backbone_kwargs": {"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
-}  # configs/demo.yaml's
+_demo_model = read_yaml(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")["model"]
+DEMO = {k: _demo_model[k] for k in ("backbone", "backbone_kwargs")}  # the demo backbone, as `mtl demo` trains it
 CASES = {
     "demo-64": {"image_size": 64, "pool": "avg", "model": DEMO},  # the recipe's readout: a few hundred bytes a frame
     "demo-64-flatten": {"image_size": 64, "pool": "flatten", "model": DEMO},  # configs/features-demo.yaml's

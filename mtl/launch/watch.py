@@ -32,10 +32,7 @@ Pair = tuple[str, str]  # (job id, e.g. "123" or "123_4"; MLflow run id)
 
 
 def queue_watcher(pairs: Sequence[Pair], uri: str, partition: str | None, log_dir: Path) -> str:
-    """Queue the watcher of ``pairs``; its job id. MtlError when sbatch refuses it."""
-    pairs = [(j, r) for j, r in pairs if r]
-    if not pairs:
-        raise MtlError("no MLflow runs to watch")
+    """Queue the watcher of ``pairs`` (at least one); its job id. MtlError when sbatch refuses it."""
     jobs = sorted({j.split("_")[0] for j, _ in pairs}, key=int)  # an array element's job: the whole array
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mtl.launch.watch", "--uri", uri, f"--log-dir={log_dir}",

@@ -50,7 +50,6 @@ class FrameMasker(nn.Module):
                 keep = keep & ~drop
             elif self.mode == "feature":
                 feats = F.dropout(feats, p=self.prob, training=True)
-        if embed is None:
-            return torch.where(keep.unsqueeze(-1), feats, token)
+        embed = embed or (lambda x: x)
         feats = feats.masked_fill(~has_image.unsqueeze(-1), 0.0)  # never let a non-finite unused row reach backward
         return torch.where(keep.unsqueeze(-1), embed(feats), embed(token))
