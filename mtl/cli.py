@@ -9,11 +9,11 @@ from mtl.errors import MtlError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtl.data import cli as data_cli
-    from mtl.engine import cli as engine_cli
-    from mtl.features import cli as features_cli
-    from mtl.launch import cli as launch_cli
-    from mtl.predict import cli as predict_cli
+    from mtl.commands import data as data_cli
+    from mtl.commands import features as features_cli
+    from mtl.commands import launch as launch_cli
+    from mtl.commands import predict as predict_cli
+    from mtl.commands import train as engine_cli
 
     parser = argparse.ArgumentParser(prog="mtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

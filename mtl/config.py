@@ -24,16 +24,11 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
-from mtl.errors import MtlError
+from mtl.errors import ConfigError, MtlError
 from mtl.naming import run_name
 from mtl.tasks import load_plugins, task_names, tasks
-
-
-class ConfigError(MtlError, ValueError):
-    """A config key is unknown, mistyped or out of range; the message names it."""
 
 
 def _integral(v: Any) -> Any:
@@ -213,19 +208,6 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _register_plugin_tasks(cls, data: Any) -> Any:
-        """The plugins' tasks exist before ``loss.weights`` is checked against the registered ones."""
-        section = data.get("tasks") if isinstance(data, dict) else None
-        plugins = section.get("plugins") if isinstance(section, dict) else getattr(section, "plugins", None)
-        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
-            try:
-                load_plugins(plugins)
-            except MtlError as exc:
-                raise ConfigError(str(exc)) from None
-        return data
-
 
 def replace(section: BaseModel, **changes: Any) -> Any:
     """``dataclasses.replace`` for sections: a validated copy with ``changes`` applied."""
@@ -364,6 +346,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_task_plugins(data: dict[str, Any]) -> None:
+    """Import the modules named by ``tasks.plugins`` in a raw config, so that their tasks are registered before
+    ``loss.*`` is checked against the registered tasks. A step of its own: validating imports nothing."""
+    section = data.get("tasks")
+    plugins = section.get("plugins") if isinstance(section, dict) else None
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        try:
+            load_plugins(plugins)
+        except MtlError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _validate(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
@@ -388,9 +382,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         data = read_yaml(path)
         with _source(str(path)):
+            load_task_plugins(data)
             file_cfg = _validate(data)  # the file's keys alone: an error here is the file's
     with _source("command line"):  # the file's keys are valid, so a key that fails now was set on the command line
         cli = parse_overrides(overrides or [])
+        load_task_plugins(deep_merge(data, cli))
         cfg = _validate(deep_merge(data, cli))
     source = "command line"
     if file_cfg is not None:  # values that are valid one by one but not together: from the file unless it passes alone
@@ -406,7 +402,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Validate a (possibly partial) nested dict against the defaults."""
+    """Validate a (possibly partial) nested dict against the defaults (a saved run's config, a sweep element)."""
+    load_task_plugins(data)
     cfg = _validate(data)
     _cross_checks(cfg)
     return cfg

@@ -11,6 +11,10 @@ class MtlError(Exception):
     """Base of every error caused by input, config or environment rather than by a bug."""
 
 
+class ConfigError(MtlError, ValueError):
+    """A config key is unknown, mistyped or out of range; the message names it (and its source)."""
+
+
 class DataError(MtlError):
     """Bad input data; the message names the file and, where there is one, the line."""
 

@@ -1,11 +1,11 @@
-"""Cached feature sets for tests, made by `mtl features` itself (``mtl.features.extract``) from real pixel shards
+"""Cached feature sets for tests, made by `mtl features` itself (``mtl.extraction.extract``) from real pixel shards
 with a tiny random-init frame encoder: the one place tests make features."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mtl.features.extract import ExtractSpec, extract
+from mtl.extraction.extract import ExtractSpec, extract
 
 SMOKE_BACKBONE = {"backbone": "vit_tiny_patch16_224",
                   "backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 16}}  # fmt: skip

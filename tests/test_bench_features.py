@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ok, run
+from helpers import REPO, ok, run
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ok, run
+from helpers import REPO, ok, run
 
 SCRIPT = REPO / "tools" / "bench_step.py"
 # embed_dim 192: the ViT's big matrices exceed ZeRO-3's persistence threshold (1e5 elements), so they partition.

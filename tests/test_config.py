@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtl.config import ConfigError, dump_yaml, flatten, from_dict, load_config, replace, to_dict
+from mtl.config import dump_yaml, flatten, from_dict, load_config, replace, to_dict
+from mtl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

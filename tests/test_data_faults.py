@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, mtl
 from data_fixtures import VA_DIR, VA_HEADER, make_release, va_rows, write_text
+from helpers import REPO, mtl
 from PIL import Image
 
 import mtl.data.pack as pack_mod

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DRIVER, SMOKE, mtl, ok, run, smoke_overrides, torchrun
+from helpers import DRIVER, SMOKE, mtl, ok, run, smoke_overrides, torchrun
 from mlflow.tracking import MlflowClient
 
 from mtl.engine import checkpoint as ckpt
-from mtl.engine import layout
+from mtl.runs import layout
 
 pytestmark = pytest.mark.slow
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DRIVER, SMOKE, free_port, mtl, ok, run, smoke_overrides
+from helpers import DRIVER, SMOKE, free_port, mtl, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 from mtl.config import from_dict, to_dict
 from mtl.engine import checkpoint as ckpt
-from mtl.engine import layout
-from mtl.engine.export import save_weights
 from mtl.errors import MtlError
+from mtl.runs import layout
+from mtl.runs.export import save_weights
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:

@@ -19,14 +19,14 @@ import pytest
 import timm
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import REPO, run, torchrun
+from helpers import REPO, run, torchrun
 from safetensors.torch import save_file
 
 from mtl.cli import main
 from mtl.data.manifest import file_sha256, read_manifest
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.transforms import decode_jpeg
-from mtl.features.extract import ExtractSpec, extract
+from mtl.extraction.extract import ExtractSpec, extract
 from mtl.features.manifest import read_feature_manifest
 from mtl.features.shards import FORMAT, read_feature_shard
 from mtl.model.backbone import FrameEncoder
@@ -236,7 +236,7 @@ def test_torchrun_two_ranks_write_the_same_cache(cache: Path, tiny_shards: Path,
 
 
 def test_checkpoint_of_a_trained_run(trained_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
-    from mtl.engine.trained import load_model
+    from mtl.runs.trained import load_model
 
     out = tmp_path / "from_run"
     assert main(["features", "--shards", str(tiny_shards), "--out", str(out), "--checkpoint", str(trained_run),

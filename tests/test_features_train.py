@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DRIVER, REPO, SMOKE, mtl, ok, run, smoke_overrides, torchrun
 from feature_fixtures import make_features
+from helpers import DRIVER, REPO, SMOKE, mtl, ok, run, smoke_overrides, torchrun
 from mlflow.tracking import MlflowClient
 
 from mtl.config import from_dict, load_config
 from mtl.data.manifest import MANIFEST, file_sha256
-from mtl.engine import layout
-from mtl.engine.inputs import DataSource
 from mtl.errors import DataError
 from mtl.features.loader import check_sources
 from mtl.features.shards import FORMAT, FeatureSample, read_feature_shard, write_feature_shard
+from mtl.runs import layout
+from mtl.runs.inputs import DataSource
 
 FEATURES_DEMO = REPO / "configs" / "features-demo.yaml"
 DEMO_BACKBONE = {"backbone": "vit_tiny_patch16_224",

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtl.config import ConfigError
-from mtl.engine.layout import RUN_ID_FILE
 from mtl.engine.preemption import StopFlag
-from mtl.errors import MtlError
+from mtl.errors import ConfigError, MtlError
 from mtl.launch import partition, prepare, slurm_request
 from mtl.launch.sweep import element_configs, element_name, read_sweep
+from mtl.runs.layout import RUN_ID_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMOKE, ok, run, smoke_overrides
+from helpers import REPO, SMOKE, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMOKE
+from helpers import REPO, SMOKE
 
 from mtl.config import load_config, to_dict
-from mtl.engine import layout
 from mtl.engine.checkpoint import TrainState
-from mtl.engine.export import save_weights
-from mtl.engine.layout import Checkpoint, RunDir, resolve_trained, resume_point
-from mtl.engine.trained import load_model, load_trained
 from mtl.errors import MtlError
 from mtl.model import build_model
+from mtl.runs import layout
+from mtl.runs.export import save_weights
+from mtl.runs.layout import Checkpoint, RunDir, resolve_trained, resume_point
+from mtl.runs.trained import load_model, load_trained
 
 
 def saved(run: Path, step: int, best: int | None = None, complete: bool = True) -> Path:
@@ -33,7 +33,7 @@ def saved(run: Path, step: int, best: int | None = None, complete: bool = True) 
 
 def test_layout_imports_without_torch() -> None:
     """launch/ reads run dirs on login nodes, where importing torch costs seconds (or is not installed)."""
-    code = "import sys, mtl.engine.layout, mtl.launch.prepare; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
+    code = "import sys, mtl.runs.layout, mtl.launch.prepare; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"
 

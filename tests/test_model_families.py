@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import SMOKE, ok, run, smoke_overrides
+from helpers import SMOKE, ok, run, smoke_overrides
 from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtl.config import ConfigError, LossConfig, from_dict
-from mtl.errors import MtlError
+from mtl.config import LossConfig, from_dict
+from mtl.errors import ConfigError, MtlError
 from mtl.objectives import (
     MultiTaskLoss,
     ccc_loss,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import mtl, ok
 from face_video import face_frames, write_folder, write_video
+from helpers import mtl, ok
 
 from mtl.predict.detect import Box, HaarDetector, HogDetector, make_detector
 from mtl.predict.names import csv_header

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DRIVER, SMOKE, ok, run, smoke_overrides, torchrun
+from helpers import DRIVER, SMOKE, ok, run, smoke_overrides, torchrun
 from mlflow.tracking import MlflowClient
 
 from mtl.config import load_config
-from mtl.engine import layout
 from mtl.engine.checkpoint import UNIVERSAL, read_state
 from mtl.engine.schedule import lr_factor
+from mtl.runs import layout
 
 pytestmark = pytest.mark.slow
 

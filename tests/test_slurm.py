@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SMOKE, mtl, ok, run, smoke_overrides
+from helpers import REPO, SMOKE, mtl, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
 from slurm_fixtures import (  # noqa: F401
     job_ids,
@@ -350,7 +350,7 @@ def test_features_job_array_writes_the_same_cache_as_one_process(
     import torch
     from safetensors.torch import save_file
 
-    from mtl.features.extract import ExtractSpec, extract
+    from mtl.extraction.extract import ExtractSpec, extract
     from mtl.features.manifest import read_feature_manifest
 
     kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 16}

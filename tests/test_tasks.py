@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMOKE, ok, run
+from helpers import SMOKE, ok, run
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from mtl.config import ConfigError, load_config
+from mtl.config import load_config
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
 from mtl.data.pack import pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.synth import SPLIT_FOLDERS, make_synth, plan_videos
-from mtl.errors import DataError
+from mtl.errors import ConfigError, DataError
 from mtl.tasks import task_names, unregister
 
 PLUGINS = Path(__file__).parent / "plugins"

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import mtl, ok
+from helpers import mtl, ok
 
 from mtl.data import testset
 from mtl.data.manifest import read_manifest

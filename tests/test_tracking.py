@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, mtl, ok, smoke_overrides
+from helpers import SMOKE, mtl, ok, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 from mtl.config import TrackingConfig, load_config

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the two-stage recipe: extraction speed, cache size, and the training epoch it buys.
 
-- ``extract``: frames/s of `mtl features` (``mtl.features.extract``) on a packed synthetic release, and the cache's
+- ``extract``: frames/s of `mtl features` (``mtl.extraction.extract``) on a packed synthetic release, and the cache's
   bytes on disk next to the pixel shards. Frames/s counts frames with an image (the ones the encoder runs on) over
   the wall time of ``extract`` (model load and source scan included, reported apart too).
 - ``train_epoch``: seconds of one training epoch of the temporal trunk and heads on cached features, against one
@@ -38,7 +38,7 @@ import torch
 from mtl.config import read_yaml
 from mtl.data.pack import pack
 from mtl.data.synth import make_synth
-from mtl.features.extract import ExtractSpec, extract, load_encoder
+from mtl.extraction.extract import ExtractSpec, extract, load_encoder
 
 
 def du(root: Path, pattern: str = "*/*.tar") -> int:
@@ -108,9 +108,9 @@ class EpochTimer:
 
     def __init__(self, cfg) -> None:
         from mtl.data.manifest import read_manifest
-        from mtl.engine.inputs import DataSource
         from mtl.engine.step import build_engine
         from mtl.objectives import MultiTaskLoss
+        from mtl.runs.inputs import DataSource
 
         self.source = DataSource(cfg)
         self.engine = build_engine(self.source.build_model(), cfg, 1, torch.device("cpu"))

@@ -76,8 +76,8 @@ def main() -> int:
     from face_video import face_frames, write_video
 
     from mtl.config import load_config, to_dict
-    from mtl.engine.export import save_weights
     from mtl.model import build_model
+    from mtl.runs.export import save_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

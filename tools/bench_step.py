@@ -41,11 +41,11 @@ from tqdm import tqdm
 from mtl.config import Config, DataConfig, from_dict
 from mtl.engine.distributed import free_port
 from mtl.engine.ds_config import compute_dtype
-from mtl.engine.model_io import forward
 from mtl.engine.schedule import build_optimizer, build_scheduler
 from mtl.engine.step import build_engine
 from mtl.model import build_model, param_groups
 from mtl.objectives import MultiTaskLoss
+from mtl.runs.model_io import forward
 from mtl.tasks.abaw import AU, EXPR
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM

@@ -120,7 +120,7 @@ def train_args(shards: Path, out: Path, a: argparse.Namespace) -> list[str]:
 
 
 def latest_step(out: Path) -> int:
-    from mtl.engine.layout import latest_complete
+    from mtl.runs.layout import latest_complete
 
     tag = latest_complete(out / "checkpoints")
     return int(tag[5:]) if tag else 0

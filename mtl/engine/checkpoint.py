@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from mtl.engine.distributed import barrier
-from mtl.engine.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
-from mtl.engine.safe_load import weights_only_loads
 from mtl.errors import MtlError
+from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
+from mtl.runs.safe_load import weights_only_loads
 
 
 @dataclass

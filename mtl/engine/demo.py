@@ -15,8 +15,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, frames: int | None = None) -> dict:
     from mtl.data.pack import pack
     from mtl.data.synth import make_synth
-    from mtl.engine.offline_eval import run_eval
     from mtl.engine.trainer import train
+    from mtl.evaluation.offline import run_eval
     from mtl.metrics import summary_line
 
     workdir = Path(workdir).resolve()

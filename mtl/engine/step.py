@@ -16,9 +16,9 @@ import torch
 from mtl.config import Config
 from mtl.engine.distributed import any_rank
 from mtl.engine.ds_config import build_ds_config, compute_dtype, resolve_precision, resolve_zero_stage
-from mtl.engine.model_io import forward
 from mtl.engine.schedule import build_optimizer, build_scheduler
 from mtl.model import param_groups
+from mtl.runs.model_io import forward
 
 LossFn = Callable[[dict[str, torch.Tensor], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

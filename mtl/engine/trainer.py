@@ -28,14 +28,14 @@ from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
-from mtl.engine.evaluate import evaluate, to_device
-from mtl.engine.export import consolidate, save_weights
-from mtl.engine.inputs import DataSource
-from mtl.engine.layout import EXPORTS, Checkpoint, RunDir, resume_point, tag_for
 from mtl.engine.preemption import StopFlag
 from mtl.engine.step import build_engine
 from mtl.errors import MtlError
+from mtl.evaluation.evaluate import evaluate, to_device
 from mtl.objectives import MultiTaskLoss
+from mtl.runs.export import consolidate, save_weights
+from mtl.runs.inputs import DataSource
+from mtl.runs.layout import EXPORTS, Checkpoint, RunDir, resume_point, tag_for
 from mtl.tracking.inputs import shard_datasets
 from mtl.tracking.mlflow_run import Tracker
 from mtl.tracking.report import log_evaluation

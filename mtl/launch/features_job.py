@@ -19,7 +19,7 @@ class FeaturesTask:
     """Picklable callable for ``executor.submit``; the spec travels as a plain dict."""
 
     def __call__(self, shards: str, out: str, spec: dict[str, Any], index: int, count: int) -> dict[str, Any]:
-        from mtl.features.extract import ExtractSpec, Part, extract
+        from mtl.extraction.extract import ExtractSpec, Part, extract
 
         manifest = extract(Path(shards), Path(out), ExtractSpec(**spec), part=Part(index, count), progress=False)
         return {"task": index, "wrote_manifest": manifest is not None}
@@ -40,12 +40,12 @@ def check_inputs(shards: Path, spec: Any) -> None:
     import timm
 
     from mtl.data.manifest import read_manifest
-    from mtl.features.extract import check_spec
+    from mtl.extraction.extract import check_spec
 
     check_spec(spec)
     read_manifest(shards)
     if spec.checkpoint is not None:
-        from mtl.engine.layout import resolve_trained
+        from mtl.runs.layout import resolve_trained
 
         resolve_trained(Path(spec.checkpoint))
     elif not timm.is_model(spec.backbone):
@@ -64,7 +64,7 @@ def submit_features(
     say: Printer = echo,
 ) -> int:
     """Queue the array; with ``wait``, block and return 0 only if every task completed and the manifest exists."""
-    from mtl.features.extract import clear_output
+    from mtl.extraction.extract import clear_output
     from mtl.launch.slurm_request import check_request, load_for_submit
 
     if count < 1:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtl.config import Config, ConfigError, replace
-from mtl.engine.layout import RunDir, resume_point
-from mtl.errors import MtlError
+from mtl.config import Config, replace
+from mtl.errors import ConfigError, MtlError
+from mtl.runs.layout import RunDir, resume_point
 
 
 def _abs(path: str | None, base: Path) -> str | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtl.config import Config, ConfigError, load_config
+from mtl.config import Config, load_config
+from mtl.errors import ConfigError
 from mtl.launch import cluster
 from mtl.launch.partition import Request, check_fits
 from mtl.launch.prepare import absolutize

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl.config import Config, ConfigError, read_yaml, replace, to_dict
-from mtl.engine.layout import RUN_ID_FILE
-from mtl.errors import MtlError
+from mtl.config import Config, read_yaml, replace, to_dict
+from mtl.errors import ConfigError, MtlError
 from mtl.launch import prepare, slurm_request
 from mtl.launch.submit import Printer, Queued, describe, echo, last_line, make_executor, report, slug, wait_all, watch
 from mtl.naming import overrides_name, to_overrides
+from mtl.runs.layout import RUN_ID_FILE
 from mtl.tracking.runs import client, end_runs, tag_run
 
 _TOP_KEYS = {"name", "config", "base", "grid", "runs"}

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from mtl.config import Config
-from mtl.engine.offline_eval import tuned_thresholds
-from mtl.engine.trained import load_model
 from mtl.errors import MtlError
+from mtl.evaluation.offline import tuned_thresholds
 from mtl.model.network import MultiTaskNet
+from mtl.runs.trained import load_model
 from mtl.tasks import Task, tasks
 
 

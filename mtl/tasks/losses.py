@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl.errors import MtlError
+from mtl.errors import ConfigError, MtlError
 from mtl.tasks.base import Task
 
 _EPS = 1e-8
@@ -113,8 +113,6 @@ def pos_neg_weights(
     if isinstance(spec, list):
         a = _as_vector(spec, j, key)
         if (a > 1).any():
-            from mtl.config import ConfigError
-
             raise ConfigError(f"{key}: expected values in [0, 1] (weight of positives), got {spec}")
         return a, 1 - a
     pos = _counts(stats, task.name, "positive_counts", j, key)
@@ -127,8 +125,6 @@ def pos_neg_weights(
 
 def _as_vector(values: list[float], n: int, key: str) -> torch.Tensor:
     if len(values) != n or any(v < 0 for v in values):
-        from mtl.config import ConfigError
-
         raise ConfigError(f"{key}: expected 'auto', 'none' or a list of {n} non-negative numbers, got {values}")
     return torch.tensor(values, dtype=torch.float32)
 

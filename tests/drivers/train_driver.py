@@ -26,7 +26,7 @@ import torch
 from mtl.config import load_config
 from mtl.engine import checkpoint as ckpt
 from mtl.engine import trainer as trainer_mod
-from mtl.engine.layout import RunDir, tag_for
+from mtl.runs.layout import RunDir, tag_for
 
 
 def param_digest(engine) -> str:

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtl.config import ConfigError
 from mtl.data.manifest import MANIFEST, file_sha256, read_manifest
 from mtl.data.shardio import ShardReader, parse_sample
 from mtl.data.transforms import ClipTransform, decode_clip
-from mtl.errors import DataError, MtlError
+from mtl.errors import ConfigError, DataError, MtlError
 from mtl.features.manifest import DTYPES, write_feature_manifest
 from mtl.features.shards import FORMAT, FeatureSample, write_feature_shard
 
@@ -112,14 +111,14 @@ def check_spec(spec: ExtractSpec) -> None:
 def load_encoder(spec: ExtractSpec) -> Encoder:
     """The frame encoder the spec names, with the normalisation its frames need and what the manifest records."""
     from mtl.config import from_dict
-    from mtl.engine.model_io import input_norm
     from mtl.model.backbone import FrameEncoder, create_backbone
+    from mtl.runs.model_io import input_norm
 
     check_spec(spec)
     device = _device(spec)
     if spec.checkpoint is not None:
-        from mtl.engine.layout import resolve_trained
-        from mtl.engine.trained import load_model
+        from mtl.runs.layout import resolve_trained
+        from mtl.runs.trained import load_model
 
         path = Path(spec.checkpoint)
         trained = load_model(path)

@@ -13,7 +13,6 @@ import torch
 
 from mtl.config import Config
 from mtl.data.loader import Leg, make_eval_loader, make_train_loader
-from mtl.engine.model_io import Norm, input_norm
 from mtl.errors import DataError
 from mtl.features.loader import (
     FeatureEvalLoader,
@@ -23,6 +22,7 @@ from mtl.features.loader import (
     extractor_params,
 )
 from mtl.model import MultiTaskNet, build_model
+from mtl.runs.model_io import Norm, input_norm
 
 
 class DataSource:

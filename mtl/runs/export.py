@@ -10,9 +10,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtl.engine.layout import COMPLETE, damage
-from mtl.engine.safe_load import weights_only_loads
 from mtl.errors import MtlError
+from mtl.runs.layout import COMPLETE, damage
+from mtl.runs.safe_load import weights_only_loads
 
 CONFIG_KEY = "mtl_config"
 

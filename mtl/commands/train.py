@@ -35,7 +35,7 @@ def print_result(result: TrainResult) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mtl.engine.offline_eval import run_eval
+    from mtl.evaluation.offline import run_eval
     from mtl.metrics import summary_line
 
     scores = run_eval(args.checkpoint, args.split, args.out, args.overrides)

@@ -1,6 +1,6 @@
 """Load a trained run: its weights and resolved config, from a run dir, a checkpoint tag dir or an export.
 
-What a path means is :func:`mtl.engine.layout.resolve_trained`'s decision; this is the torch side of it
+What a path means is :func:`mtl.runs.layout.resolve_trained`'s decision; this is the torch side of it
 (reading safetensors, consolidating a DeepSpeed checkpoint of any world size and ZeRO stage). `mtl eval` uses it,
 and so will every command that runs a trained model.
 """
@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from mtl.config import Config, deep_merge, from_dict, parse_overrides
-from mtl.engine.export import consolidate, load_weights
-from mtl.engine.inputs import DataSource
-from mtl.engine.layout import Checkpoint, resolve_trained, trained_run_id
-from mtl.engine.model_io import Norm
 from mtl.errors import MtlError
 from mtl.model import MultiTaskNet
+from mtl.runs.export import consolidate, load_weights
+from mtl.runs.inputs import DataSource
+from mtl.runs.layout import Checkpoint, resolve_trained, trained_run_id
+from mtl.runs.model_io import Norm
 
 
 def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

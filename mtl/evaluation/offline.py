@@ -17,7 +17,8 @@ import torch
 
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.testset import load_lists
-from mtl.engine.evaluate import (
+from mtl.errors import MtlError
+from mtl.evaluation.evaluate import (
     TUNED_SUBMISSION,
     FramePredictions,
     evaluate,
@@ -25,10 +26,9 @@ from mtl.engine.evaluate import (
     write_submission,
     write_test_submission,
 )
-from mtl.engine.layout import Checkpoint, eval_dir, resolve_trained
-from mtl.engine.model_io import forward
-from mtl.engine.trained import load_model
-from mtl.errors import MtlError
+from mtl.runs.layout import Checkpoint, eval_dir, resolve_trained
+from mtl.runs.model_io import forward
+from mtl.runs.trained import load_model
 
 THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresholds tuned on the split evaluated
 

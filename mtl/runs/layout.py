@@ -2,7 +2,7 @@
 
 ``mtl train`` writes it, ``mtl eval`` (and every command that loads a trained run) reads it, ``mtl submit`` checks
 it on the login node, so this module imports no torch. Loading the weights it points at is
-:mod:`mtl.engine.trained`'s job; saving a checkpoint collectively is :mod:`mtl.engine.checkpoint`'s.
+:mod:`mtl.runs.trained`'s job; saving a checkpoint collectively is :mod:`mtl.engine.checkpoint`'s.
 
     <output_dir>/mlflow_run_id                     the MLflow run, written before the first checkpoint exists
     <output_dir>/checkpoints/step_NNNNNNNN/        one DeepSpeed checkpoint; counts once complete.json is in it

@@ -34,8 +34,8 @@ def _slurm_train(args: argparse.Namespace) -> int:
 
     job_id = slurm_job_id()  # outside a job: an error before anything is loaded
     log_task_start()
+    from mtl.commands.train import print_result
     from mtl.config import load_config
-    from mtl.engine.cli import print_result
 
     cfg = load_config(args.config, args.overrides)
     # rank, world size and the rendezvous come from SLURM's variables (mtl.engine.distributed)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _spec(args: argparse.Namespace):
-    from mtl.config import ConfigError
-    from mtl.features.extract import ExtractSpec
+    from mtl.errors import ConfigError
+    from mtl.extraction.extract import ExtractSpec
 
     try:
         kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
@@ -48,7 +48,7 @@ def _features(args: argparse.Namespace) -> int:
         flags = {k: getattr(args, k) for k in keys}
         return submit_features(Path(args.shards), Path(args.out), spec, args.array, flags,
                                overwrite=args.overwrite, wait=args.wait)  # fmt: skip
-    from mtl.features.extract import extract
+    from mtl.extraction.extract import extract
 
     t = time.time()
     m = extract(Path(args.shards), Path(args.out), spec, overwrite=args.overwrite, progress=not args.no_progress)
