@@ -15,7 +15,8 @@ from PIL import Image
 from mtl.config import DataConfig, replace
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
-from mtl.data.loader import Leg, make_eval_loader, make_train_loader
+from mtl.data.legs import Leg
+from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.pack import pack
 from mtl.data.shardio import parse_sample, read_raw

@@ -248,7 +248,7 @@ def test_features_demo_config_learns(tmp_path: Path) -> None:
 def test_resumed_on_another_world_size_no_window_is_read_twice(legs: list[tuple[int, int, int]]) -> None:
     """An epoch read by earlier set-ups (world size, batch, batches per rank), then finished on 2 ranks x 2:
     every window once at most, only a remainder under 2 x 2 left out, and each keeps its augmentation."""
-    from mtl.data.loader import Leg
+    from mtl.data.legs import Leg
     from mtl.features.loader import FeatureSplit, FeatureTrainLoader, Video
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ concatenated), cut at sample granularity into equal contiguous pieces: one per r
 worker still streams its shards front to back (a piece has at most two partial shards, entered by seeking), and
 webdataset provides the tar grouping and the shuffle buffer.
 
-Batch contract (see the project notes): frames f32 [B,T,3,H,W], has_image/pad bool [B,T], and per registered task
+Batch contract: frames f32 [B,T,3,H,W], has_image/pad bool [B,T], and per registered task
 its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12]) and ``<task>_valid`` bool [B,T];
 training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
 index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import shuffle as wds_shuffle
 
 from mtl.allocator import keep_freed_memory
+from mtl.data.legs import Leg, share, shuffle_seed, shuffled, train_batches_per_epoch, unread
 from mtl.data.manifest import read_manifest, split_entry
 from mtl.data.ring import PixelRing
+from mtl.data.seeds import derive_seed
 from mtl.data.shardio import Sample, ShardReader, check_size, parse_sample, read_raw
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
 from mtl.errors import DataError, MtlError
@@ -88,10 +89,6 @@ class SplitTable:
         return [0, *itertools.accumulate(self.counts)][:-1]
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p % (1 << 63) for p in parts]).generate_state(1)[0])
-
-
 def cut(order: list[int], counts: list[int], start: int, stop: int) -> list[Piece]:
     """The pieces of shards (taken in ``order``, concatenated) covering positions [start, stop)."""
     out, pos = [], 0
@@ -104,69 +101,6 @@ def cut(order: list[int], counts: list[int], start: int, stop: int) -> list[Piec
         if pos >= stop:
             break
     return out
-
-
-def train_batches_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
-    """Batches every rank runs per epoch: all ranks the same, dropping fewer than world_size * batch_size samples."""
-    return samples // (world_size * batch_size)
-
-
-@dataclass(frozen=True)
-class Leg:
-    """A finished part of an epoch read under one set-up: ``batches`` micro-batches per rank were consumed.
-
-    A run resumed mid-epoch on another world size, batch size, worker count or shuffle buffer starts a new leg:
-    the samples the earlier legs consumed are replayed from their plans (no data is read) and the new leg cuts the
-    rest of the epoch over the new ranks, so in the whole epoch no sample is seen twice.
-    """
-
-    world_size: int
-    batch_size: int
-    workers: int
-    shuffle_buffer: int
-    batches: int
-
-
-def _shuffle_seed(seed: int, epoch: int, rank: int, lw: int, leg: int) -> int:
-    extra = (leg,) if leg else ()  # leg 0 keeps the seed of a plain epoch
-    return _seed(seed, epoch, rank, lw, 0x5B, *extra)
-
-
-def _worker_chunks(remaining: np.ndarray, *, rank: int, world_size: int, batch_size: int, workers: int):
-    """(batches per rank, [(positions, batches)] per logical worker) of one rank, cut from the epoch's remaining
-    positions: contiguous equal pieces per rank, then per logical worker."""
-    n_batches = len(remaining) // (world_size * batch_size)
-    w = max(1, workers)
-    pos = rank * n_batches * batch_size
-    chunks = []
-    for lw in range(w):
-        nb = len(range(lw, n_batches, w))
-        chunks.append((remaining[pos : pos + nb * batch_size], nb))
-        pos += nb * batch_size
-    return n_batches, chunks
-
-
-def remaining_positions(total: int, legs: tuple[Leg, ...] | list[Leg], *, epoch: int, seed: int) -> np.ndarray:
-    """Positions (in the epoch's shard order) of the samples the finished ``legs`` did not consume, ascending.
-
-    Each leg is replayed on positions only: the shuffle buffer's choices depend on the count of items, not on
-    their content, so the samples each logical worker yielded first are known without reading a shard.
-    """
-    remaining = np.arange(total)
-    for i, leg in enumerate(legs):
-        w = max(1, leg.workers)
-        taken = []
-        for rank in range(leg.world_size):
-            _, chunks = _worker_chunks(remaining, rank=rank, world_size=leg.world_size,
-                                       batch_size=leg.batch_size, workers=leg.workers)  # fmt: skip
-            for lw, (positions, _nb) in enumerate(chunks):
-                stream = iter(positions.tolist())
-                if leg.shuffle_buffer > 1:
-                    buf = leg.shuffle_buffer
-                    stream = wds_shuffle(buf, initial=buf, seed=_shuffle_seed(seed, epoch, rank, lw, i))(stream)
-                taken.extend(itertools.islice(stream, len(range(lw, leg.batches, w)) * leg.batch_size))
-        remaining = np.setdiff1d(remaining, np.asarray(taken, dtype=remaining.dtype))
-    return remaining
 
 
 def _pieces(order: list[int], counts: list[int], positions: np.ndarray) -> list[Piece]:
@@ -195,13 +129,12 @@ def plan_train_epoch(
 
     Rank batch j is logical worker j % W's batch j // W: the DataLoader asks workers round-robin, so the batches
     come out in order j = 0, 1, 2, ... and a resume can skip exactly the first k of them. After finished ``legs``
-    (a resume on another set-up), the plan covers only the samples they left.
+    (a resume on another set-up, see ``mtl.data.legs``), the plan covers only the samples they left.
     """  # fmt: skip
-    order = np.random.default_rng(_seed(seed, epoch, 0x5A4D)).permutation(len(counts)).tolist()
-    remaining = remaining_positions(sum(counts), legs, epoch=epoch, seed=seed)
-    n_batches, chunks = _worker_chunks(remaining, rank=rank, world_size=world_size, batch_size=batch_size,
-                                       workers=workers)  # fmt: skip
-    return n_batches, [_pieces(order, counts, p) for p, _ in chunks], [nb for _, nb in chunks]
+    order = np.random.default_rng(derive_seed(seed, epoch, 0x5A4D)).permutation(len(counts)).tolist()
+    remaining = unread(sum(counts), legs, epoch=epoch, seed=seed)
+    mine = share(remaining, rank=rank, world_size=world_size, batch_size=batch_size, workers=workers)
+    return mine.batches, [_pieces(order, counts, p) for p in mine.parts], mine.part_batches
 
 
 def plan_eval(
@@ -392,10 +325,8 @@ class TrainStream(IterableDataset):
         if w != len(self.pieces):
             raise RuntimeError(f"planned for {len(self.pieces)} workers, running with {w}")
         lw = (wid + self.skip) % w  # rotate so the DataLoader's round-robin resumes at rank batch `skip`
-        stream = self._raw(self.pieces[lw])
-        if self.cfg.shuffle_buffer > 1:
-            buf, seed = self.cfg.shuffle_buffer, _shuffle_seed(self.seed, self.epoch, self.rank, lw, self.leg)
-            stream = wds_shuffle(buf, initial=buf, seed=seed)(stream)
+        seed = shuffle_seed(self.seed, self.epoch, self.rank, lw, self.leg)
+        stream = shuffled(self._raw(self.pieces[lw]), self.cfg.shuffle_buffer, seed)
         skip_samples = len(range(lw, self.skip, w)) * self.batch_size
         stream = itertools.islice(stream, skip_samples, None)  # skipped samples are read, never decoded
         while raws := list(itertools.islice(stream, self.batch_size)):
@@ -409,7 +340,7 @@ class TrainStream(IterableDataset):
         for i, raw in enumerate(raws):
             s = parse_sample(raw, raw["__where__"])
             gid = raw["__sample__"]
-            rng = np.random.default_rng(_seed(self.seed, self.epoch, gid, 0xC1))  # per sample: resume-exact
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, gid, 0xC1))  # per sample: resume-exact
             a = int(rng.integers(0, len(s) - t + 1)) if len(s) > t else 0
             b = min(a + t, len(s))
             self.maker.fill(labels, pixels, i, s, a, b, rng)
@@ -437,7 +368,7 @@ class TrainLoader:
             return
         ring = _ring(self.stream, self.num_workers)
         s = self.stream
-        for batch in _dataloader(s, self.num_workers, _seed(s.seed, s.epoch, s.rank, s.leg, 0xD1)):
+        for batch in _dataloader(s, self.num_workers, derive_seed(s.seed, s.epoch, s.rank, s.leg, 0xD1)):
             yield finish_batch(batch, ring, self.device)
 
 
@@ -460,7 +391,7 @@ def make_train_loader(
     with one random augmentation, except fewer than world_size * batch_size dropped samples (others each epoch).
     ``skip_batches`` resumes mid-epoch: the skipped samples are read but not decoded. Exact resume needs the same
     world_size, batch_size and num_workers; ``legs`` are the parts of the epoch read under another set-up (see
-    ``Leg``), whose samples are left out. ``device``: where batches are delivered and the frames finished
+    ``mtl.data.legs``), whose samples are left out. ``device``: where batches are delivered and the frames finished
     (uint8 -> normalised float); default: the CPU.
     """
     if not 0 <= rank < world_size:

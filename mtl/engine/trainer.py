@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
-from mtl.data.loader import Leg
+from mtl.data.legs import Leg
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed

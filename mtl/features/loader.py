@@ -13,7 +13,8 @@ run the same number of steps; a remainder of fewer than ranks x batch windows is
 draws its augmentation (feature dropout, temporal jitter) from a seed of (seed, epoch, window), so a resumed epoch
 repeats the same batches. A run resumed mid-epoch on another world size or batch size passes the earlier set-ups'
 ``Leg``s: the windows they read are taken out and the rest of the epoch is cut over the new ranks, so no window is
-read twice in an epoch. Evaluation: every frame exactly once, in order, as ``plan_eval`` cuts pixel clips.
+read twice in an epoch (``mtl.data.legs``, as in the pixel loader). Evaluation: every frame exactly once, in order,
+as ``plan_eval`` cuts pixel clips.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.data.loader import Leg, _seed, label_arrays, plan_eval, put_labels, train_batches_per_epoch
+from mtl.data.legs import Leg, share, unread
+from mtl.data.loader import label_arrays, plan_eval, put_labels
 from mtl.data.manifest import MANIFEST, file_sha256
+from mtl.data.seeds import derive_seed
 from mtl.errors import DataError
 from mtl.features.manifest import EXTRACTOR_KEYS, read_feature_manifest
 from mtl.features.shards import FeatureSample, read_feature_shard
@@ -191,7 +194,7 @@ def plan_windows(lengths: list[int], clip_len: int, *, epoch: int, seed: int) ->
     A video of n frames gives ceil(n / clip_len) windows that cover it, shifted at random each epoch (the last
     ones clamped inside the video), so an epoch sees each frame about once and windows start anywhere over epochs.
     """
-    rng = np.random.default_rng(_seed(seed, epoch, 0xFEA7))
+    rng = np.random.default_rng(derive_seed(seed, epoch, 0xFEA7))
     out = []
     for v, n in enumerate(lengths):
         k = math.ceil(n / clip_len)
@@ -199,19 +202,6 @@ def plan_windows(lengths: list[int], clip_len: int, *, epoch: int, seed: int) ->
         out += [(v, min(max(0, j * clip_len - shift), max(0, n - clip_len))) for j in range(k)]
     order = rng.permutation(len(out))
     return [out[i] for i in order]
-
-
-def unread_windows(n: int, legs: Sequence[Leg]) -> list[int]:
-    """Indices of the epoch's ``n`` planned windows that no earlier leg read, in plan order. A leg cut the windows
-    left before it into contiguous pieces of ``train_batches_per_epoch`` batches, one per rank, and each rank read
-    the first ``batches`` of its piece."""
-    left = list(range(n))
-    for leg in legs:
-        per_rank = train_batches_per_epoch(len(left), leg.world_size, leg.batch_size) * leg.batch_size
-        read = min(leg.batches * leg.batch_size, per_rank)
-        done = {i for r in range(leg.world_size) for i in left[r * per_rank : r * per_rank + read]}
-        left = [i for i in left if i not in done]
-    return left
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -238,11 +228,11 @@ class FeatureTrainLoader:
         self.t, self.b = data_cfg.clip_len, data_cfg.batch_size
         self.epoch, self.seed, self.skip = epoch, seed, max(0, skip_batches)
         windows = plan_windows(split.lengths, self.t, epoch=epoch, seed=seed)
-        left = unread_windows(len(windows), legs)
-        self.n_batches = train_batches_per_epoch(len(left), world_size, self.b)
-        first = rank * self.n_batches * self.b
+        left = unread(len(windows), legs, epoch=epoch, seed=seed, in_order=True)
+        mine = share(left, rank=rank, world_size=world_size, batch_size=self.b)
+        self.n_batches = mine.batches
         # epoch-wide indices of this rank's windows: they name each window's augmentation seed
-        self.index = left[first : first + self.n_batches * self.b]
+        self.index: list[int] = mine.parts[0].tolist()
         self.windows = [windows[i] for i in self.index]
 
     def __len__(self) -> int:
@@ -265,7 +255,7 @@ class FeatureTrainLoader:
             vi, a = self.windows[w]
             v = self.split.videos[vi]
             b = min(a + self.t, len(v))
-            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.index[w], 0xA6))
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.index[w], 0xA6))
             src = np.arange(a, b)
             if aug.jitter:  # a neighbour's feature (one with an image) stands in for the frame's own
                 moved = np.clip(src + rng.integers(-aug.jitter, aug.jitter + 1, len(src)), 0, len(v) - 1)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from mtl.config import Config
-from mtl.data.loader import Leg, make_eval_loader, make_train_loader
+from mtl.data.legs import Leg
+from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.errors import DataError
 from mtl.features.loader import (
     FeatureEvalLoader,
