@@ -23,7 +23,7 @@ from PIL import Image
 import mtl.data.pack as pack_mod
 from mtl.config import DataConfig
 from mtl.data.loader import make_eval_loader, make_train_loader
-from mtl.data.manifest import MANIFEST
+from mtl.data.manifest import MANIFEST, read_manifest
 from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.verify import stats_problems, verify
@@ -113,6 +113,30 @@ def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monk
         pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, progress=False))
     pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, overwrite=True, progress=False))
     assert _shards(out) == _shards(ref)
+
+
+def test_missing_and_empty_image_folders_pack_with_a_warning_each(tmp_path, capsys):
+    """A labelled video whose image folder is missing, or there but empty: its frames pack without an image, and
+    the manifest counts it in its warnings and the split's videos_without_images."""
+    images, ann = make_release(tmp_path / "release")
+    for p in (images / "vidB_left").iterdir():
+        p.unlink()
+    (images / "vidB_left").rmdir()  # missing
+    for p in (images / "vidB_right").iterdir():
+        p.unlink()  # empty
+    out = tmp_path / "out"
+    m = pack(PackOptions(images, ann, out, segment_len=4, shard_size=2, progress=False))
+    assert m.warnings == [
+        f"{images / 'vidB_left'}: no image folder; all 6 frames of vidB_left have no image",
+        f"{images / 'vidB_right'}: empty image folder; all 6 frames of vidB_right have no image",
+    ]
+    assert read_manifest(out).warnings == m.warnings  # as written
+    assert sorted(m.splits["train"].videos_without_images) == ["vidB_left", "vidB_right"]
+    err = capsys.readouterr().err
+    assert "mtl pack: warning:" in err and "empty image folder" in err
+    assert {v for v, _ in _frames_without_image(out)} >= {"vidB_left", "vidB_right"}
+    reports = verify(out, progress=False)
+    assert all(r.ok for r in reports) and stats_problems(out, reports) == []
 
 
 # ------------------------------------------------------------------------------------------------ processes

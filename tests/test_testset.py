@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import mtl, ok
+from helpers import mtl, ok, run
 
 from mtl.data import testset
 from mtl.data.manifest import UnlabelledSplit, read_manifest
@@ -142,6 +143,25 @@ def test_listed_video_without_frames_is_an_error_or_skipped_and_counted(release:
     t = m.splits["test"]
     assert t.videos_skipped == 1 and gone in t.skipped_videos[0] and gone not in t.video_frames
     assert t.videos == TEST_VIDEOS - 1
+
+
+def test_the_commands_synth_prints_pack_and_verify(tmp_path: Path) -> None:
+    """`mtl synth --test-videos`, then the `mtl pack` command it prints, as printed, then `mtl shards verify`:
+    exit 0 and its JSON summary (verify used to stop with KeyError: 'tasks' on the unlabelled split)."""
+    synth = ok(run([sys.executable, "-m", "mtl.cli", "synth", "--out", str(tmp_path / "synth"), "--videos", "3",
+                    "--frames", "24", "--test-videos", "2", "--workers", "1"], cwd=tmp_path))  # fmt: skip
+    printed = synth.stdout.strip().splitlines()[-1].split()
+    assert printed[:2] == ["mtl", "pack"] and "--test-list" in printed and printed[-2:] == ["--out", "shards/synth"]
+    ok(run([sys.executable, "-m", "mtl.cli", *printed[1:]], cwd=tmp_path))
+    root = tmp_path / "shards" / "synth"
+    proc = ok(mtl("shards", "verify", str(root), "--workers", "1"))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = read_manifest(root)
+    assert isinstance(manifest.splits[testset.SPLIT], UnlabelledSplit) and {"train", "val"} <= set(manifest.splits)
+    assert summary["bad"] == [] and summary["stats_mismatches"] == []
+    assert summary["shards"] == len(manifest.shards()) and summary["samples"] == sum(
+        s.samples for s in manifest.splits.values()
+    )
 
 
 def test_list_names_and_bad_lists(tmp_path: Path) -> None:
