@@ -38,7 +38,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, StrictBool, Tag, model_validator
 
-from mtl.data.schema import MANIFEST, Count, ManifestModel, Positive, Sha256, Text, field_error, read_json_model
+from mtl.data.schema import (
+    MANIFEST,
+    Count,
+    ManifestModel,
+    Positive,
+    Sha256,
+    SplitsManifest,
+    Text,
+    field_error,
+    read_json_model,
+)
 from mtl.errors import DataError, naming
 from mtl.tasks import get_task, task_names
 
@@ -172,7 +182,7 @@ class UnlabelledSplit(_SplitBase):
     frames_without_image: Count
     video_frames: dict[str, Positive]
     frame_counts_from: dict[str, Count] = Field(default_factory=dict)  # source ("videos", "frame_counts", ...) -> n
-    lists: dict[str, TrackListRecord]
+    lists: dict[str, TrackListRecord] = Field(min_length=1)
     videos_skipped: Count = 0
     skipped_videos: list[str] = Field(default_factory=list)
 
@@ -189,8 +199,6 @@ class UnlabelledSplit(_SplitBase):
         vf = self.video_frames
         if len(vf) != self.videos or sum(vf.values()) != self.frames:
             raise field_error("video_frames", "disagrees with videos / frames")
-        if not self.lists:
-            raise field_error("lists", "expected a non-empty mapping")
         return self
 
 
@@ -210,6 +218,17 @@ Split = Annotated[
 ]
 
 
+class PackInputs(ManifestModel):
+    """Where the release was read from (absent: not given)."""
+
+    images: Text
+    annotations: Text | None = None
+    mtl_files: dict[str, str] | None = None
+    test_lists: list[str] | None = None
+    videos: Text | None = None
+    frame_counts: Text | None = None
+
+
 class PackParams(ManifestModel):
     """How the pack was cut; part of its fingerprint."""
 
@@ -222,33 +241,16 @@ class PackParams(ManifestModel):
     sample_format: Text | None = None
 
 
-class PackInputs(ManifestModel):
-    """Where the release was read from (absent: not given)."""
-
-    images: Text
-    annotations: Text | None = None
-    mtl_files: dict[str, str] | None = None
-    test_lists: list[str] | None = None
-    videos: Text | None = None
-    frame_counts: Text | None = None
-
-
-class PackManifest(ManifestModel):
+class PackManifest(SplitsManifest):
     """A packed data root's ``manifest.json``."""
 
     format: Literal["mtl-shards/1"] = FORMAT
     params: PackParams
     inputs: PackInputs
-    splits: dict[str, Split]
+    splits: dict[str, Split] = Field(min_length=1)
     unlabeled_videos: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     _path: Path | None = PrivateAttr(None)
-
-    @model_validator(mode="after")
-    def _some_split(self) -> PackManifest:
-        if not self.splits:
-            raise field_error("splits", "expected a non-empty mapping")
-        return self
 
     @property
     def path(self) -> Path:
@@ -263,10 +265,6 @@ class PackManifest(ManifestModel):
         if entry.samples == 0:
             raise DataError(f"{self.path}: split {name!r} has no samples")
         return entry
-
-    def shards(self) -> list[ShardRecord]:
-        """Every split's shards, in manifest order."""
-        return [sh for s in self.splits.values() for sh in s.shards]
 
 
 # ------------------------------------------------------------------------------------------------ file

@@ -14,6 +14,10 @@ Same input -> byte-identical shards, whatever the worker count.
 
 Every frame is decoded (the loader's decoder) before it goes into a shard: a truncated or corrupt JPEG is an error
 naming its file, or with ``skip_bad_rows`` a frame without an image, counted and listed in the manifest.
+
+``pack(PackOptions(...))`` runs three steps: ``plan_pack`` (read the labels, scan the images, cut samples and
+shards: nothing written), ``write_pack_shards`` (the shards, resuming), ``pack_manifest`` (the typed
+``PackManifest``, written last).
 """
 
 from __future__ import annotations
@@ -382,7 +386,7 @@ def split_stats(videos: list[PackedVideo]) -> dict:
 
 
 @dataclass
-class TestSplit:
+class ListedTestSet:
     """The unlabelled split ``test``: its videos, the organisers' lists, and where each frame count came from."""
 
     videos: list[PackedVideo]
@@ -408,7 +412,7 @@ def build_test_split(
     frame_counts: Path | None,
     labelled: dict[str, str],
     log: ParseLog,
-) -> TestSplit:
+) -> ListedTestSet:
     """Every video of the organisers' lists with its frames folder; one without is an error (skipped and counted
     under ``skip_bad_rows``); a test video that is also labelled is an error."""
     lists = testset.read_test_lists(test_lists)
@@ -439,10 +443,10 @@ def build_test_split(
         raise DataError(f"{images}: none of the {len(listed_in)} test videos has a frames folder here")
     counts = testset.frame_counts(list(found), highest, videos_dir, frame_counts, log.warnings)
     videos = [unlabelled_video(v, counts.counts[v], img) for v, img in found.items()]
-    return TestSplit(videos, lists, counts.sources, skipped)
+    return ListedTestSet(videos, lists, counts.sources, skipped)
 
 
-def unlabelled_entry(out: Path, test: TestSplit, samples: int, shards: list[ShardRecord]) -> UnlabelledSplit:
+def unlabelled_entry(out: Path, test: ListedTestSet, samples: int, shards: list[ShardRecord]) -> UnlabelledSplit:
     """The manifest's entry of the unlabelled split: shards as any split's, no task stats; frames without an image,
     the lists (copied into the pack) and where the frame counts came from."""
     frames = sum(v.n for v in test.videos)
@@ -552,7 +556,7 @@ class PackPlan:
     opts: PackOptions
     log: ParseLog  # bad rows, skipped files and warnings met while reading the inputs
     per_split: dict[str, list[PackedVideo]]
-    test: TestSplit | None
+    test: ListedTestSet | None
     unlabeled_videos: list[str]  # image folders no split lists
     params: PackParams
     fingerprint: str  # of the parameters and every video's labels and image files
@@ -560,7 +564,7 @@ class PackPlan:
     jobs: list[dict]  # one per shard, all splits
 
 
-def _videos(opts: PackOptions, log: ParseLog) -> tuple[dict[str, list[PackedVideo]], TestSplit | None, set[str]]:
+def _videos(opts: PackOptions, log: ParseLog) -> tuple[dict[str, list[PackedVideo]], ListedTestSet | None, set[str]]:
     """Each split's videos with their labels and images, the test split, and the image folders found."""
     images = Path(opts.images)
     use_labels = opts.annotations or opts.mtl_files or not opts.test_lists

@@ -34,6 +34,16 @@ class ManifestModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class SplitsManifest(ManifestModel):
+    """A manifest with at least one split, each a list of shards: what `mtl shards verify` walks."""
+
+    splits: dict[str, Any] = Field(min_length=1)
+
+    def shards(self) -> list[Any]:
+        """Every split's shards, in manifest order."""
+        return [sh for s in self.splits.values() for sh in s.shards]
+
+
 def field_error(field: str, what: str) -> PydanticCustomError:
     """A cross-field check's failure inside a model validator, naming ``field`` (relative to the model)."""
     return PydanticCustomError("manifest_field", "{field}: {what}", {"field": field, "what": what})
@@ -52,6 +62,7 @@ _MESSAGES = {
     "model_type": "expected a mapping, got {got}",
     "model_attributes_type": "expected a mapping, got {got}",
     "literal_error": "expected {expected}, got {got}",
+    "too_short": "expected at least {min_length} entry, got {got}",
 }
 
 

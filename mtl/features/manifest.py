@@ -39,7 +39,8 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictBool, model_validator
 
-from mtl.data.schema import MANIFEST, Count, ManifestModel, Positive, Sha256, Text, field_error, read_json_model
+from mtl.data.manifest import MANIFEST
+from mtl.data.schema import Count, ManifestModel, Positive, Sha256, SplitsManifest, Text, field_error, read_json_model
 from mtl.features.shards import FORMAT
 
 DTYPES = ("float16", "float32")
@@ -98,7 +99,7 @@ class FeatureParams(ManifestModel):
     batch_size: Positive | None = None
 
 
-class FeatureManifest(ManifestModel):
+class FeatureManifest(SplitsManifest):
     """A feature cache's ``manifest.json``."""
 
     format: Literal["mtl-features/1"] = FORMAT
@@ -107,17 +108,7 @@ class FeatureManifest(ManifestModel):
     dim: Positive
     dtype: Literal["float16", "float32"]
     params: FeatureParams = Field(default_factory=FeatureParams)
-    splits: dict[str, FeatureSplitRecord]
-
-    @model_validator(mode="after")
-    def _some_split(self) -> FeatureManifest:
-        if not self.splits:
-            raise field_error("splits", "expected a non-empty mapping")
-        return self
-
-    def shards(self) -> list[FeatureShardRecord]:
-        """Every split's shards, in manifest order."""
-        return [sh for s in self.splits.values() for sh in s.shards]
+    splits: dict[str, FeatureSplitRecord] = Field(min_length=1)
 
 
 def write_feature_manifest(root: Path, manifest: FeatureManifest) -> Path:
