@@ -12,6 +12,7 @@ from data_fixtures import make_release
 from mtl.data.manifest import MANIFEST, LabelledSplit, read_manifest
 from mtl.data.pack import PackOptions, pack
 from mtl.errors import DataError
+from mtl.features.manifest import read_feature_manifest
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +90,25 @@ def test_missing_split_and_empty_split_name_the_file(packed: Path, tmp_path: Pat
     empty = _with(packed, tmp_path, lambda d: d["splits"]["val"].update(samples=0, frames=0, shards=[]))
     with pytest.raises(DataError, match=rf"{empty / MANIFEST}: split 'val' has no samples"):
         read_manifest(empty).split("val")
+
+
+def test_a_feature_cache_manifest_mismatch_names_the_field(tmp_path: Path) -> None:
+    shard = {"path": "train/000000.tar", "bytes": 10, "sha256": "0" * 64, "samples": 1, "frames": 3,
+             "sample_frames": [3]}  # fmt: skip
+    good = {"format": "mtl-features/1", "source": {"shards": "/data/shards", "manifest_sha256": "1" * 64},
+            "extractor": {"backbone": "vit_tiny", "weights_sha256": "2" * 64, "checkpoint": None, "pool": "avg",
+                          "image_size": 112, "mean": [0.5] * 3, "std": [0.5] * 3, "hflip_tta": False},
+            "dim": 192, "dtype": "float16",
+            "splits": {"train": {"videos": 1, "frames": 3, "frames_with_image": 3, "shards": [shard]}}}  # fmt: skip
+    (tmp_path / MANIFEST).write_text(json.dumps(good))
+    m = read_feature_manifest(tmp_path)
+    assert m.dim == 192 and m.shards()[0].sample_frames == [3] and m.extractor.checkpoint is None
+    shard["sample_frames"] = [1, 2]
+    (tmp_path / MANIFEST).write_text(json.dumps(good))
+    with pytest.raises(DataError, match=r"manifest.json: splits.train.shards\[0\].sample_frames: expected one frame"):
+        read_feature_manifest(tmp_path)
+    shard["sample_frames"] = [3]
+    good["extractor"].pop("pool")
+    (tmp_path / MANIFEST).write_text(json.dumps(good))
+    with pytest.raises(DataError, match=r"manifest.json: extractor.pool: missing$"):
+        read_feature_manifest(tmp_path)
