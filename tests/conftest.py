@@ -12,13 +12,13 @@ from helpers import SMOKE, mtl, ok, smoke_overrides
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic Aff-Wild2 release packed into shards (enough shards for 2 ranks x 2 workers)."""
-    from mtl.data.pack import pack
+    from mtl.data.pack import PackOptions, pack
     from mtl.data.synth import make_synth
 
     base = tmp_path_factory.mktemp("tiny")
     root = make_synth(base / "synth", videos=6, frames=48, seed=0)
     out = base / "shards"
-    pack(root / "cropped_aligned", root / "annotations", out, segment_len=16, shard_size=3, workers=1)
+    pack(PackOptions(root / "cropped_aligned", root / "annotations", out, segment_len=16, shard_size=3, workers=1))
     return out
 
 

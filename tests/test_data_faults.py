@@ -23,8 +23,8 @@ from PIL import Image
 import mtl.data.pack as pack_mod
 from mtl.config import DataConfig
 from mtl.data.loader import make_eval_loader, make_train_loader
-from mtl.data.manifest import MANIFEST
-from mtl.data.pack import pack
+from mtl.data.manifest import MANIFEST, read_manifest
+from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.verify import stats_problems, verify
 from mtl.errors import DataError
@@ -51,7 +51,7 @@ def _frames_without_image(root: Path) -> set[tuple[str, int]]:
 def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monkeypatch):
     images, ann = make_release(tmp_path / "release")
     ref = tmp_path / "ref"
-    pack(images, ann, ref, segment_len=3, shard_size=2, progress=False)
+    pack(PackOptions(images, ann, ref, segment_len=3, shard_size=2, progress=False))
     good = {p: (images / p).read_bytes() for p in ("vidA/00006.jpg", "vidC/00003.jpg")}
     bad = {
         "vidA/00006.jpg": good["vidA/00006.jpg"][:300],  # header intact, body cut off
@@ -63,7 +63,7 @@ def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monk
     out = tmp_path / "out"
     named = r"/(vidA/00006|vidC/00003)\.jpg: JPEG does not decode \(.+\); replace or delete it \(the frame then has no "
     with pytest.raises(DataError, match=named + r"image\), or pass --skip-bad-rows") as err:
-        pack(images, ann, out, segment_len=3, shard_size=2, progress=False)
+        pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, progress=False))
     assert not (out / MANIFEST).exists()
 
     # the user fixes the file named and reruns: the input changed, and the failed pack's leftovers are not in the
@@ -71,7 +71,7 @@ def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monk
     first, second = sorted(bad, key=lambda rel: rel not in str(err.value))
     (images / first).write_bytes(good[first])
     with pytest.raises(DataError, match=f"/{second}: JPEG does not decode"):
-        pack(images, ann, out, segment_len=3, shard_size=2, progress=False)
+        pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, progress=False))
     (images / first).write_bytes(bad[first])
 
     # or reruns skipping bad images (other parameters): starts over too; killed after the first shard with a
@@ -87,20 +87,20 @@ def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monk
 
     monkeypatch.setattr(pack_mod, "write_shard_job", dies_after_a_skip)
     with pytest.raises(KeyboardInterrupt):
-        pack(images, ann, out, segment_len=3, shard_size=2, skip_bad_rows=True, progress=False)
+        pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, skip_bad_rows=True, progress=False))
     monkeypatch.setattr(pack_mod, "write_shard_job", real)
-    m = pack(images, ann, out, segment_len=3, shard_size=2, skip_bad_rows=True, progress=False)
+    m = pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, skip_bad_rows=True, progress=False))
     r = json.loads((ref / MANIFEST).read_text())
-    tr, va, rtr, rva = m["splits"]["train"], m["splits"]["val"], r["splits"]["train"], r["splits"]["val"]
-    assert (tr["bad_images_skipped"], va["bad_images_skipped"]) == (1, 1)
-    assert "vidA/00006.jpg: JPEG does not decode" in tr["bad_images"][0]
-    assert "vidC/00003.jpg: JPEG does not decode" in va["bad_images"][0]
-    assert (tr["images"], va["images"]) == (rtr["images"] - 1, rva["images"] - 1)
+    tr, va, rtr, rva = m.splits["train"], m.splits["val"], r["splits"]["train"], r["splits"]["val"]
+    assert (tr.bad_images_skipped, va.bad_images_skipped) == (1, 1)
+    assert "vidA/00006.jpg: JPEG does not decode" in tr.bad_images[0]
+    assert "vidC/00003.jpg: JPEG does not decode" in va.bad_images[0]
+    assert (tr.images, va.images) == (rtr["images"] - 1, rva["images"] - 1)
     # both frames have valid VA and EXPR labels: now labelled frames without an image
     for split in ("train", "val"):
-        new, old = m["splits"][split]["tasks"], r["splits"][split]["tasks"]
-        assert new["va"]["labeled_missing_image"] == old["va"]["labeled_missing_image"] + 1
-        assert sum(new["expr"]["class_counts"]) == sum(old["expr"]["class_counts"]) - 1
+        new, old = m.splits[split].tasks, r["splits"][split]["tasks"]
+        assert new["va"].labeled_missing_image == old["va"]["labeled_missing_image"] + 1
+        assert sum(new["expr"].counts("class_counts")) == sum(old["expr"]["class_counts"]) - 1
     assert _frames_without_image(out) == _frames_without_image(ref) | {("vidA", 6), ("vidC", 3)}
     reports = verify(out, progress=False)
     assert all(rep.ok for rep in reports) and stats_problems(out, reports) == []
@@ -110,9 +110,33 @@ def test_undecodable_jpeg_is_named_then_skipped_or_fixed_on_rerun(tmp_path, monk
     for rel, data in good.items():
         (images / rel).write_bytes(data)
     with pytest.raises(DataError, match="--overwrite"):
-        pack(images, ann, out, segment_len=3, shard_size=2, progress=False)
-    pack(images, ann, out, segment_len=3, shard_size=2, overwrite=True, progress=False)
+        pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, progress=False))
+    pack(PackOptions(images, ann, out, segment_len=3, shard_size=2, overwrite=True, progress=False))
     assert _shards(out) == _shards(ref)
+
+
+def test_missing_and_empty_image_folders_pack_with_a_warning_each(tmp_path, capsys):
+    """A labelled video whose image folder is missing, or there but empty: its frames pack without an image, and
+    the manifest counts it in its warnings and the split's videos_without_images."""
+    images, ann = make_release(tmp_path / "release")
+    for p in (images / "vidB_left").iterdir():
+        p.unlink()
+    (images / "vidB_left").rmdir()  # missing
+    for p in (images / "vidB_right").iterdir():
+        p.unlink()  # empty
+    out = tmp_path / "out"
+    m = pack(PackOptions(images, ann, out, segment_len=4, shard_size=2, progress=False))
+    assert m.warnings == [
+        f"{images / 'vidB_left'}: no image folder; all 6 frames of vidB_left have no image",
+        f"{images / 'vidB_right'}: empty image folder; all 6 frames of vidB_right have no image",
+    ]
+    assert read_manifest(out).warnings == m.warnings  # as written
+    assert sorted(m.splits["train"].videos_without_images) == ["vidB_left", "vidB_right"]
+    err = capsys.readouterr().err
+    assert "mtl pack: warning:" in err and "empty image folder" in err
+    assert {v for v, _ in _frames_without_image(out)} >= {"vidB_left", "vidB_right"}
+    reports = verify(out, progress=False)
+    assert all(r.ok for r in reports) and stats_problems(out, reports) == []
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -251,13 +275,13 @@ def test_loader_workers_survive_ctrl_c_so_training_can_save(tiny_shards):
 def test_changed_shard_stops_the_loaders_with_one_line(tmp_path):
     images, ann = make_release(tmp_path / "release")
     root = tmp_path / "out"
-    m = pack(images, ann, root, segment_len=4, shard_size=2, progress=False)
+    m = pack(PackOptions(images, ann, root, segment_len=4, shard_size=2, progress=False))
     cfg = DataConfig(shards=str(root), clip_len=4, batch_size=1, eval_batch_size=1, num_workers=1, image_size=16)
     val = make_eval_loader(cfg, "val", mean=MEAN, std=STD, rank=0, world_size=1)  # opened before the change
 
     # bytes appended after the tar's end: every reader still reads it, so only the size gives it away
     for split in ("train", "val"):
-        with open(root / m["splits"][split]["shards"][0]["path"], "ab") as f:
+        with open(root / m.splits[split].shards[0].path, "ab") as f:
             f.write(bytes(1024))
     want = r"000000\.tar: \d+ bytes, the manifest says \d+ \(changed after `mtl pack`\); run `mtl shards verify .*`$"
     with pytest.raises(DataError, match="train/" + want):
@@ -270,7 +294,7 @@ def test_changed_shard_stops_the_loaders_with_one_line(tmp_path):
 def test_verify_recomputes_the_manifests_statistics(tmp_path):
     images, ann = make_release(tmp_path / "release")
     root = tmp_path / "out"
-    pack(images, ann, root, segment_len=4, shard_size=2, progress=False)
+    pack(PackOptions(images, ann, root, segment_len=4, shard_size=2, progress=False))
     assert stats_problems(root, verify(root, progress=False)) == []
 
     manifest = json.loads((root / MANIFEST).read_text())
@@ -328,6 +352,6 @@ def test_full_disk_during_pack_names_the_path_and_a_rerun_finishes(tmp_path, sma
     assert kept
 
     filler.unlink()  # space freed: the same pack finishes, keeping what was written
-    pack(images, ann, out, segment_len=2, shard_size=1, workers=2, progress=False)
+    pack(PackOptions(images, ann, out, segment_len=2, shard_size=1, workers=2, progress=False))
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert all(r.ok for r in verify(out, progress=False))

@@ -18,7 +18,7 @@ from mtl.data.labels import ParseLog
 from mtl.data.legs import Leg
 from mtl.data.loader import make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
-from mtl.data.pack import pack
+from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.transforms import decode_clip
 from mtl.errors import DataError
@@ -36,13 +36,13 @@ def data(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("loader")
     images, ann = make_release(base / "release")
     shards = base / "shards"
-    pack(images, ann, shards, segment_len=4, shard_size=3, progress=False)
+    pack(PackOptions(images, ann, shards, segment_len=4, shard_size=3, progress=False))
     labels = parse_abaw(ann, ParseLog())
     samples = []  # global sample index -> (video, frames), in manifest order
     for split in ("train", "val"):
-        for sh in read_manifest(shards)["splits"][split]["shards"]:
+        for sh in read_manifest(shards).splits[split].shards:
             samples += [(split, parse_sample(r, "").video, parse_sample(r, "").frames.tolist())
-                        for r in read_raw(shards / sh["path"])]  # fmt: skip
+                        for r in read_raw(shards / sh.path)]  # fmt: skip
     return {"images": images, "shards": shards, "labels": labels, "samples": samples}
 
 
@@ -200,7 +200,7 @@ def test_too_few_samples_for_the_world_is_an_error(data):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_eval_covers_every_frame_once_across_two_ranks_in_order(data, split):
     cfg = cfg_for(data, num_workers=2, clip_len=3, eval_batch_size=2)
-    frames = read_manifest(data["shards"])["splits"][split]["video_frames"]
+    frames = read_manifest(data["shards"]).splits[split].video_frames
     seen, lengths = [], []
     for rank in (0, 1):
         loader = make_eval_loader(cfg, split, mean=MEAN, std=STD, rank=rank, world_size=2)

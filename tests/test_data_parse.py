@@ -25,7 +25,7 @@ from data_fixtures import (
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
 from mtl.data.mtl_track_file import parse_mtl
-from mtl.data.pack import pack
+from mtl.data.pack import PackOptions, pack
 from mtl.errors import DataError
 
 
@@ -58,20 +58,20 @@ def test_abaw_tree_quirks(release):
 
 def test_pack_counts_of_the_quirky_release(release, tmp_path):
     images, ann = release
-    m = pack(images, ann, tmp_path / "out", segment_len=4, shard_size=2, progress=False)
+    m = pack(PackOptions(images, ann, tmp_path / "out", segment_len=4, shard_size=2, progress=False))
     for split, want in EXPECTED.items():
-        s = m["splits"][split]
-        assert s["videos"] == want["videos"] and s["frames"] == want["frames"]
+        s = m.splits[split]
+        assert s.videos == want["videos"] and s.frames == want["frames"]
         for task in ("va", "expr", "au"):
-            got = s["tasks"][task]
-            assert (got["labeled_frames"], got["labeled_missing_image"]) == want[task], (split, task)
-        assert sum(s["tasks"]["expr"]["class_counts"]) == s["tasks"]["expr"]["labeled_frames"]
-    assert m["splits"]["train"]["video_frames"]["vidA"] == 12  # images past the labels are frames too
-    assert m["splits"]["train"]["tasks"]["va"]["videos"] == 3
-    assert m["unlabeled_videos"] == ["vidD"]
+            got = s.tasks[task]
+            assert (got.labeled_frames, got.labeled_missing_image) == want[task], (split, task)
+        assert sum(s.tasks["expr"].counts("class_counts")) == s.tasks["expr"].labeled_frames
+    assert m.splits["train"].video_frames["vidA"] == 12  # images past the labels are frames too
+    assert m.splits["train"].tasks["va"].videos == 3
+    assert m.unlabeled_videos == ["vidD"]
     # expression class counts over valid frames with image: vidA frames 1..10 minus 4 (no image) and 5 (-1)
     want = np.bincount([f % 8 for f in range(1, 11) if f not in (4, 5)] + [f % 8 for f in range(1, 7)], minlength=8)
-    assert m["splits"]["train"]["tasks"]["expr"]["class_counts"] == want.tolist()
+    assert m.splits["train"].tasks["expr"].counts("class_counts") == want.tolist()
 
 
 def test_older_expr_folder_name_and_seven_class_header(tmp_path):
@@ -154,7 +154,7 @@ def test_empty_file_and_missing_folders(release, tmp_path):
     with pytest.raises(DataError, match="no task folder found"):
         parse_abaw(images, ParseLog())
     with pytest.raises(DataError, match="images folder not found"):
-        pack(tmp_path / "nowhere", ann, tmp_path / "out", progress=False)
+        pack(PackOptions(tmp_path / "nowhere", ann, tmp_path / "out", progress=False))
 
 
 def test_skip_bad_rows_counts_them_in_the_manifest(release, tmp_path):
@@ -162,17 +162,17 @@ def test_skip_bad_rows_counts_them_in_the_manifest(release, tmp_path):
     write_text(ann / VA_DIR / TRAIN / "vidS.txt", [VA_HEADER, *va_rows(18), "1.7,0.0", "oops"])
     (ann / EXPR_DIR / VAL / "vidC.txt").write_bytes(b"")
     with pytest.raises(DataError, match=r"vidS.txt:20: valence 1.7"):
-        pack(images, ann, tmp_path / "strict", progress=False)
+        pack(PackOptions(images, ann, tmp_path / "strict", progress=False))
     assert not (tmp_path / "strict" / "manifest.json").exists()
-    m = pack(images, ann, tmp_path / "out", skip_bad_rows=True, progress=False)
-    train, val = m["splits"]["train"], m["splits"]["val"]
-    assert train["bad_rows_skipped"] == 2
-    assert train["bad_rows"][0].startswith(f"{VA_DIR}/{TRAIN}/vidS.txt:20: valence 1.7")
-    assert "vidS.txt:21: " in train["bad_rows"][1]
-    assert train["tasks"]["va"]["labeled_frames"] == EXPECTED["train"]["va"][0] - 2  # skipped rows: no label
-    assert train["video_frames"]["vidS"] == 20  # but they keep their frame numbers
-    assert val["skipped_files"] and "vidC.txt:1: empty file" in val["skipped_files"][0]
-    assert val["tasks"]["expr"]["labeled_frames"] == 0
+    m = pack(PackOptions(images, ann, tmp_path / "out", skip_bad_rows=True, progress=False))
+    train, val = m.splits["train"], m.splits["val"]
+    assert train.bad_rows_skipped == 2
+    assert train.bad_rows[0].startswith(f"{VA_DIR}/{TRAIN}/vidS.txt:20: valence 1.7")
+    assert "vidS.txt:21: " in train.bad_rows[1]
+    assert train.tasks["va"].labeled_frames == EXPECTED["train"]["va"][0] - 2  # skipped rows: no label
+    assert train.video_frames["vidS"] == 20  # but they keep their frame numbers
+    assert val.skipped_files and "vidC.txt:1: empty file" in val.skipped_files[0]
+    assert val.tasks["expr"].labeled_frames == 0
 
 
 def test_video_in_both_splits_is_an_error(release):
@@ -192,12 +192,12 @@ def test_mtl_track_single_file(release, tmp_path):
     assert a.tasks["va"].values[2].tolist() == pytest.approx([0.3, -0.3])
     assert a.tasks["expr"].valid.tolist() == [True, True, True, False, False, True]  # 5: -1
     assert a.tasks["au"].valid.tolist() == [True, True, True, False, True, False]  # 6: all -1
-    m = pack(images, None, tmp_path / "out", mtl_files=files, segment_len=4, progress=False)
-    assert m["params"]["source"] == "mtl-track"
-    t = m["splits"]["train"]["tasks"]
-    assert (t["va"]["labeled_frames"], t["expr"]["labeled_frames"], t["au"]["labeled_frames"]) == (4, 4, 4)
-    assert m["splits"]["train"]["video_frames"]["vidA"] == 12  # the images go on past the listed rows
-    assert m["splits"]["val"]["tasks"]["expr"]["labeled_frames"] == 8
+    m = pack(PackOptions(images, None, tmp_path / "out", mtl_files=files, segment_len=4, progress=False))
+    assert m.params.source == "mtl-track"
+    t = m.splits["train"].tasks
+    assert (t["va"].labeled_frames, t["expr"].labeled_frames, t["au"].labeled_frames) == (4, 4, 4)
+    assert m.splits["train"].video_frames["vidA"] == 12  # the images go on past the listed rows
+    assert m.splits["val"].tasks["expr"].labeled_frames == 8
 
 
 @pytest.mark.parametrize(

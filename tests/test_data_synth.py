@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtl.data.pack import pack
+from mtl.data.pack import PackOptions, pack
 from mtl.data.synth import make_synth
 
 
@@ -17,7 +17,7 @@ from mtl.data.synth import make_synth
 def synth(tmp_path_factory) -> tuple[Path, dict]:
     base = tmp_path_factory.mktemp("synth")
     root = make_synth(base / "synth", videos=8, frames=150, seed=0)
-    manifest = pack(root / "cropped_aligned", root / "annotations", base / "shards", progress=False)
+    manifest = pack(PackOptions(root / "cropped_aligned", root / "annotations", base / "shards", progress=False))
     return root, manifest
 
 
@@ -40,16 +40,16 @@ def test_layout_and_quirks(synth):
     assert b"-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1" in au and (b",0,-1," in au or b",1,-1," in au)
     assert b"\n-1" in b"".join(files[("EXPR_Recognition_Challenge", "Train_Set")].values())
     for split in ("train", "val"):
-        s = manifest["splits"][split]
-        assert s["tasks"]["va"]["labeled_missing_image"] > 0 or split == "val"
-        assert all(c > 0 for c in s["tasks"]["expr"]["class_counts"]), split  # every class in both splits
-        positives = np.array(s["tasks"]["au"]["positive_counts"]) / s["tasks"]["au"]["labeled_frames"]
+        s = manifest.splits[split]
+        assert s.tasks["va"].labeled_missing_image > 0 or split == "val"
+        assert all(c > 0 for c in s.tasks["expr"].counts("class_counts")), split  # every class in both splits
+        positives = np.array(s.tasks["au"].counts("positive_counts")) / s.tasks["au"].labeled_frames
         assert ((positives > 0.1) & (positives < 0.6)).all(), (split, positives)
-    assert manifest["unlabeled_videos"]  # a folder of images nobody labelled
+    assert manifest.unlabeled_videos  # a folder of images nobody labelled
     rows = {v: len(b.splitlines()) - 1 for v, b in files[("VA_Estimation_Challenge", "Train_Set")].items()}
     last = {v: max(int(p.stem) for p in (root / "cropped_aligned" / v).glob("*.jpg")) for v in rows}
     assert any(last[v] > rows[v] for v in rows)  # images past the end of the labels
-    assert manifest["splits"]["train"]["tasks"]["va"]["labeled_missing_image"] > 0  # labels without image
+    assert manifest.splits["train"].tasks["va"].labeled_missing_image > 0  # labels without image
 
 
 def test_same_seed_same_bytes(tmp_path):

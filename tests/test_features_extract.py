@@ -76,11 +76,11 @@ def _encoder(weights: Path) -> FrameEncoder:
 def _source_videos(shards: Path) -> dict[str, dict[str, dict]]:
     """split -> video -> per-frame arrays and JPEGs, joined from the source samples independently of extract."""
     out: dict[str, dict[str, dict]] = {}
-    for split, entry in read_manifest(shards)["splits"].items():
+    for split, entry in read_manifest(shards).splits.items():
         segs = defaultdict(list)
-        for sh in entry["shards"]:
-            for raw in read_raw(shards / sh["path"]):
-                s = parse_sample(raw, sh["path"])
+        for sh in entry.shards:
+            for raw in read_raw(shards / sh.path):
+                s = parse_sample(raw, sh.path)
                 jpegs = [bytes(s.blob[s.offsets[i] : s.offsets[i + 1]]) for i in range(len(s))]
                 segs[s.video].append((int(s.frames[0]), s, jpegs))
         out[split] = {}
@@ -106,10 +106,10 @@ def _expected(encoder: FrameEncoder, jpegs: list[bytes], mean, std, flip: bool =
 def _cache_videos(root: Path) -> dict[str, dict[str, list]]:
     m = read_feature_manifest(root)
     out: dict[str, dict[str, list]] = {}
-    for split, s in m["splits"].items():
+    for split, s in m.splits.items():
         out[split] = defaultdict(list)
-        for sh in s["shards"]:
-            for fs in read_feature_shard(root / sh["path"]):
+        for sh in s.shards:
+            for fs in read_feature_shard(root / sh.path):
                 out[split][fs.video].append(fs)
     return out
 
@@ -117,24 +117,24 @@ def _cache_videos(root: Path) -> dict[str, dict[str, list]]:
 def test_cache_holds_the_source_labels_and_the_encoders_features(cache: Path, tiny_shards: Path, weights: Path) -> None:
     m = read_feature_manifest(cache)
     src_manifest = read_manifest(tiny_shards)
-    assert m["format"] == FORMAT and m["dim"] == KWARGS["embed_dim"] and m["dtype"] == "float16"
-    assert m["source"] == {"shards": str(tiny_shards.resolve()),
+    assert m.format == FORMAT and m.dim == KWARGS["embed_dim"] and m.dtype == "float16"
+    assert m.source.model_dump() == {"shards": str(tiny_shards.resolve()),
                            "manifest_sha256": file_sha256(tiny_shards / "manifest.json")}  # fmt: skip
-    ex = m["extractor"]
-    assert ex["backbone"] == BACKBONE and ex["weights_sha256"] == file_sha256(weights) and ex["checkpoint"] is None
-    assert (ex["pool"], ex["image_size"], ex["hflip_tta"]) == ("avg", SIZE, False)
+    ex = m.extractor
+    assert ex.backbone == BACKBONE and ex.weights_sha256 == file_sha256(weights) and ex.checkpoint is None
+    assert (ex.pool, ex.image_size, ex.hflip_tta) == ("avg", SIZE, False)
     encoder = _encoder(weights)
     norm = encoder.data_config()
-    assert (tuple(ex["mean"]), tuple(ex["std"])) == (norm["mean"], norm["std"])
+    assert (tuple(ex.mean), tuple(ex.std)) == (norm["mean"], norm["std"])
 
     source, cached = _source_videos(tiny_shards), _cache_videos(cache)
-    assert set(m["splits"]) == set(src_manifest["splits"]) == set(cached)
+    assert set(m.splits) == set(src_manifest.splits) == set(cached)
     for split, videos in source.items():
-        s = m["splits"][split]
-        want = src_manifest["splits"][split]
-        assert (s["videos"], s["frames"], s["frames_with_image"]) == (want["videos"], want["frames"], want["images"])
+        s = m.splits[split]
+        want = src_manifest.splits[split]
+        assert (s.videos, s.frames, s.frames_with_image) == (want.videos, want.frames, want.images)
         assert sorted(cached[split]) == sorted(videos)
-        assert sum(sh["samples"] for sh in s["shards"]) == sum(len(v) for v in cached[split].values())
+        assert sum(sh.samples for sh in s.shards) == sum(len(v) for v in cached[split].values())
         for video, v in videos.items():
             (fs,) = cached[split][video]  # a whole video per sample (none longer than max_frames here)
             assert np.array_equal(fs.frames, v["frames"]) and np.array_equal(fs.has_image, v["has_image"])
@@ -143,7 +143,7 @@ def test_cache_holds_the_source_labels_and_the_encoders_features(cache: Path, ti
             rows = np.flatnonzero(v["has_image"])
             assert not fs.features[~v["has_image"]].any()  # frames without an image: zero rows
             got = fs.features[rows].astype(np.float32)
-            want_feats = _expected(encoder, [v["jpegs"][i] for i in rows], ex["mean"], ex["std"])
+            want_feats = _expected(encoder, [v["jpegs"][i] for i in rows], ex.mean, ex.std)
             np.testing.assert_allclose(got, want_feats, rtol=2e-3, atol=2e-3)  # fp16 storage
 
     # `mtl shards verify` dispatches on the manifest's format
@@ -174,14 +174,14 @@ def test_hflip_tta_is_the_mean_of_the_frame_and_its_mirror(
 ) -> None:
     out = tmp_path / "tta"
     m = extract(tiny_shards, out, _spec(weights, hflip_tta=True), progress=False)
-    assert m["extractor"]["hflip_tta"] is True
-    encoder, ex = _encoder(weights), m["extractor"]
+    assert m.extractor.hflip_tta is True
+    encoder, ex = _encoder(weights), m.extractor
     plain, tta = _cache_videos(cache)["val"], _cache_videos(out)["val"]
     source = _source_videos(tiny_shards)["val"]
     for video, v in source.items():
         rows = np.flatnonzero(v["has_image"])
         jpegs = [v["jpegs"][i] for i in rows]
-        mean = (_expected(encoder, jpegs, ex["mean"], ex["std"]) + _expected(encoder, jpegs, ex["mean"], ex["std"],
+        mean = (_expected(encoder, jpegs, ex.mean, ex.std) + _expected(encoder, jpegs, ex.mean, ex.std,
                                                                               flip=True)) / 2  # fmt: skip
         got = tta[video][0].features[rows].astype(np.float32)
         np.testing.assert_allclose(got, mean, rtol=2e-3, atol=2e-3)
@@ -243,17 +243,17 @@ def test_checkpoint_of_a_trained_run(trained_run: Path, tiny_shards: Path, tmp_p
                  "--no-progress"]) == 0  # fmt: skip
     m = read_feature_manifest(out)
     tm = load_model(trained_run)
-    ex = m["extractor"]
-    assert ex["checkpoint"] == str(trained_run.resolve())
-    assert ex["weights_sha256"] == file_sha256(trained_run / "export" / "best.safetensors")
-    assert (ex["backbone"], ex["pool"], ex["image_size"]) == (tm.cfg.model.backbone, tm.cfg.model.pool,
+    ex = m.extractor
+    assert ex.checkpoint == str(trained_run.resolve())
+    assert ex.weights_sha256 == file_sha256(trained_run / "export" / "best.safetensors")
+    assert (ex.backbone, ex.pool, ex.image_size) == (tm.cfg.model.backbone, tm.cfg.model.pool,
                                                               tm.cfg.data.image_size)  # fmt: skip
-    assert (tuple(ex["mean"]), tuple(ex["std"])) == tm.norm
+    assert (tuple(ex.mean), tuple(ex.std)) == tm.norm
     v = _source_videos(tiny_shards)["val"]
     video = sorted(v)[0]
     rows = np.flatnonzero(v[video]["has_image"])[:8]
     (fs,) = _cache_videos(out)["val"][video]
-    want = _expected(tm.model.encoder, [v[video]["jpegs"][i] for i in rows], ex["mean"], ex["std"])
+    want = _expected(tm.model.encoder, [v[video]["jpegs"][i] for i in rows], ex.mean, ex.std)
     np.testing.assert_allclose(fs.features[rows].astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
@@ -297,7 +297,7 @@ def test_damaged_source_shard_names_it_and_keeps_finished_shards(
 ) -> None:
     src = tmp_path / "src"
     shutil.copytree(tiny_shards, src)
-    last_val = src / read_manifest(src)["splits"]["val"]["shards"][-1]["path"]
+    last_val = src / read_manifest(src).splits["val"].shards[-1].path
     _break_first_jpeg(last_val)
     out = tmp_path / "out"
     assert main(["features", "--shards", str(src), "--out", str(out), *_cli_args(weights), "--no-progress"]) == 2

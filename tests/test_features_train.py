@@ -89,8 +89,9 @@ def test_windows_of_512_frames(tmp_path: Path) -> None:
     entry = {"path": "train-00000.tar", "bytes": (root / "train-00000.tar").stat().st_size,
              "sha256": file_sha256(root / "train-00000.tar"), "samples": 2}  # fmt: skip
     manifest = {"format": FORMAT, "source": {"shards": str(src), "manifest_sha256": file_sha256(src / MANIFEST)},
-                "extractor": dict.fromkeys(("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean",
-                                            "std", "hflip_tta")), "dim": 24, "dtype": "float16",
+                "extractor": {"backbone": "none", "weights_sha256": "0" * 64, "checkpoint": None, "pool": "avg",
+                              "image_size": 112, "mean": [0.5] * 3, "std": [0.5] * 3, "hflip_tta": False},
+                "dim": 24, "dtype": "float16",
                 "splits": {"train": {"videos": 2, "frames": 800, "frames_with_image": 0,
                                      "shards": [entry]}}}  # fmt: skip
     (root / MANIFEST).write_text(json.dumps(manifest))
@@ -157,12 +158,12 @@ def _drop_last_frame(samples: list[FeatureSample]) -> list[FeatureSample]:
 def test_bad_feature_inputs_end_with_one_line(case: str, tiny_shards: Path, feats, tmp_path: Path) -> None:
     f1, f2 = feats
     if case == "other_source":
-        from mtl.data.pack import pack
+        from mtl.data.pack import PackOptions, pack
         from mtl.data.synth import make_synth
 
         synth = make_synth(tmp_path / "synth", videos=2, frames=16, seed=5)
         other = tmp_path / "shards"
-        pack(synth / "cropped_aligned", synth / "annotations", other, workers=1)
+        pack(PackOptions(synth / "cropped_aligned", synth / "annotations", other, workers=1))
         features, bad = [f1, make_features(other, tmp_path / "fo")], tmp_path / "fo" / MANIFEST
         want = "same source shards"
     elif case == "frames_disagree":
@@ -229,11 +230,11 @@ def test_features_demo_config_learns(tmp_path: Path) -> None:
 
     Measured (16 videos x 64 frames, 100 steps): val VA CCC 0.69, EXPR F1 0.18, AU F1 0.52; a constant
     prediction scores VA CCC 0."""
-    from mtl.data.pack import pack
+    from mtl.data.pack import PackOptions, pack
     from mtl.data.synth import make_synth
 
     synth = make_synth(tmp_path / "synth", videos=16, frames=64, seed=0)
-    pack(synth / "cropped_aligned", synth / "annotations", tmp_path / "shards", segment_len=64, workers=1)
+    pack(PackOptions(synth / "cropped_aligned", synth / "annotations", tmp_path / "shards", segment_len=64, workers=1))
     f = make_features(tmp_path / "shards", tmp_path / "f", pool="flatten", image_size=64, model=DEMO_BACKBONE)
     load_config(FEATURES_DEMO)  # the config as shipped is valid
     proc = ok(mtl("train", "--config", str(FEATURES_DEMO), f"data.shards={tmp_path / 'shards'}",

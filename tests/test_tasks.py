@@ -20,7 +20,7 @@ from safetensors import safe_open
 from mtl.config import load_config
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
-from mtl.data.pack import pack
+from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.synth import SPLIT_FOLDERS, make_synth, plan_videos
 from mtl.errors import ConfigError, DataError
@@ -77,14 +77,14 @@ def test_registered_task_trains_and_evaluates_end_to_end(plugin, tmp_path: Path)
 
     # packed: counted in the manifest, stored in each sample
     shards = tmp_path / "shards"
-    manifest = pack(root / "cropped_aligned", root / "annotations", shards, segment_len=8, shard_size=3,
-                    progress=False)  # fmt: skip
+    manifest = pack(PackOptions(root / "cropped_aligned", root / "annotations", shards, segment_len=8, shard_size=3,
+                    progress=False))  # fmt: skip
     for split, n in labelled.items():
-        st = manifest["splits"][split]["tasks"]["auint"]
-        assert st["labeled_frames"] + st["labeled_missing_image"] == n
+        st = manifest.splits[split].tasks["auint"]
+        assert st.labeled_frames + st.labeled_missing_image == n
         videos = [v for k, v in enumerate(plan_videos(VIDEOS, FRAMES, 0)) if v.split == split and k != 1]
-        assert st["videos"] == len(videos)
-    sample = parse_sample(next(read_raw(shards / manifest["splits"]["train"]["shards"][0]["path"])), "shard")
+        assert st.videos == len(videos)
+    sample = parse_sample(next(read_raw(shards / manifest.splits["train"].shards[0].path)), "shard")
     assert sample.labels["auint"].shape == (len(sample), 2) and sample.labels["auint"].dtype == np.float32
 
     # trained by `mtl train` in another process, which registers the task from the config
@@ -115,14 +115,12 @@ def test_registered_task_trains_and_evaluates_end_to_end(plugin, tmp_path: Path)
     ok(run([sys.executable, "-m", "mtl.cli", "eval", "--checkpoint", str(run_dir), "--out", str(out)], env=env))
     scores = json.loads((out / "metrics.json").read_text())
     assert {"auint_ccc", "auint_ccc_AU6_int", "auint_ccc_AU12_int", "auint_frames", "au_f1_tuned"} <= set(scores)
-    assert (
-        scores["auint_frames"]
-        == manifest["splits"]["val"]["tasks"]["auint"]["labeled_frames"]
-        + (manifest["splits"]["val"]["tasks"]["auint"]["labeled_missing_image"])
+    assert scores["auint_frames"] == manifest.splits["val"].tasks["auint"].labeled_frames + (
+        manifest.splits["val"].tasks["auint"].labeled_missing_image
     )
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == manifest["splits"]["val"]["frames"]
+    assert len(rows) == manifest.splits["val"].frames
     assert all(0.0 <= float(r["AU6_int"]) <= 5.0 for r in rows) and "p_Neutral" in rows[0]
     lines = (out / "submission" / "AU_INT.txt").read_text().splitlines()
     assert lines[0] == "image_location,AU6_int,AU12_int" and len(lines) == len(rows) + 1

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import mtl, ok
+from helpers import mtl, ok, run
 
 from mtl.data import testset
-from mtl.data.manifest import read_manifest
-from mtl.data.pack import pack
+from mtl.data.manifest import UnlabelledSplit, read_manifest
+from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.submission import check_submission
 from mtl.data.synth import make_synth, plan_test_videos
@@ -45,8 +46,8 @@ def _truth(root: Path) -> dict[str, dict]:
 
 
 def _pack(root: Path, out: Path, **kw) -> dict:
-    return pack(root / "cropped_aligned", kw.pop("annotations", None), out, segment_len=16, shard_size=2,
-                test_lists=kw.pop("test_lists", _lists(root)), progress=False, **kw)  # fmt: skip
+    return pack(PackOptions(root / "cropped_aligned", kw.pop("annotations", None), out, segment_len=16, shard_size=2,
+                test_lists=kw.pop("test_lists", _lists(root)), progress=False, **kw))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,9 @@ def test_pack(release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _shard_frames(root: Path, split: str) -> dict[str, dict[int, bool]]:
     seen: dict[str, dict[int, bool]] = {}
-    for sh in read_manifest(root)["splits"][split]["shards"]:
-        for raw in read_raw(root / sh["path"]):
-            s = parse_sample(raw, sh["path"])
+    for sh in read_manifest(root).splits[split].shards:
+        for raw in read_raw(root / sh.path):
+            s = parse_sample(raw, sh.path)
             for t in tasks():
                 assert not s.labels[t.valid_key].any()
             for f, has in zip(s.frames.tolist(), s.has_image.tolist()):
@@ -75,57 +76,57 @@ def _shard_frames(root: Path, split: str) -> dict[str, dict[int, bool]]:
 def test_pack_lists_with_raw_videos_beside_the_labelled_splits(release: Path, tmp_path: Path) -> None:
     truth = _truth(release)
     m = _pack(release, tmp_path / "both", annotations=release / "annotations", videos_dir=release / "videos")
-    t = read_manifest(tmp_path / "both")["splits"]["test"]  # the reader validates the unlabelled entry
-    assert t["unlabeled"] is True and "tasks" not in t
-    assert t["video_frames"] == {v: x["n"] for v, x in truth.items()}  # the raw videos', past the last crop
-    assert t["frames"] == sum(x["n"] for x in truth.values())
-    assert t["frames_without_image"] == sum(x["n"] - len(x["crops"]) for x in truth.values()) > 0
-    assert t["frame_counts_from"] == {"videos": TEST_VIDEOS} and t["videos_skipped"] == 0
+    t = read_manifest(tmp_path / "both").splits["test"]  # the reader validates the unlabelled entry
+    assert isinstance(t, UnlabelledSplit) and t.unlabeled is True and t.tasks == {}
+    assert t.video_frames == {v: x["n"] for v, x in truth.items()}  # the raw videos', past the last crop
+    assert t.frames == sum(x["n"] for x in truth.values())
+    assert t.frames_without_image == sum(x["n"] - len(x["crops"]) for x in truth.values()) > 0
+    assert t.frame_counts_from == {"videos": TEST_VIDEOS} and t.videos_skipped == 0
     # every frame of every test video exactly once, with an image exactly where a crop exists
     assert _shard_frames(tmp_path / "both", "test") == {
         v: {f: f in x["crops"] for f in range(1, x["n"] + 1)} for v, x in truth.items()
     }
     # the lists, copied into the pack in the organisers' order
-    assert set(t["lists"]) == {"va", "expr", "au", "mtl"}
-    for track, e in t["lists"].items():
-        src = Path(e["source"]).read_text().split()
-        copy = (tmp_path / "both" / e["path"]).read_text().split()
+    assert set(t.lists) == {"va", "expr", "au", "mtl"}
+    for track, e in t.lists.items():
+        src = Path(e.source).read_text().split()
+        copy = (tmp_path / "both" / e.path).read_text().split()
         assert copy == (src[1:] if track == "mtl" else src)
-    assert t["lists"]["va"]["rows"] == t["frames"]
-    assert not set(truth) & set(m["unlabeled_videos"])
+    assert t.lists["va"].rows == t.frames
+    assert not set(truth) & set(m.unlabeled_videos)
 
     # the labelled splits are the same shards as without the test lists; a rerun is byte-identical and resumes
-    alone = pack(release / "cropped_aligned", release / "annotations", tmp_path / "alone", segment_len=16,
-                 shard_size=2, progress=False)  # fmt: skip
+    alone = pack(PackOptions(release / "cropped_aligned", release / "annotations", tmp_path / "alone", segment_len=16,
+                 shard_size=2, progress=False))  # fmt: skip
     for split in ("train", "val"):
-        assert m["splits"][split]["shards"] == alone["splits"][split]["shards"]
+        assert m.splits[split].shards == alone.splits[split].shards
     before = {p.name: p.read_bytes() for p in (tmp_path / "both" / "test").glob("*.tar")}
     (tmp_path / "both" / "test" / "000001.tar").unlink()
     again = _pack(release, tmp_path / "both", annotations=release / "annotations", videos_dir=release / "videos")
     assert {p.name: p.read_bytes() for p in (tmp_path / "both" / "test").glob("*.tar")} == before
-    assert again["splits"] == m["splits"]
+    assert again.splits == m.splits
 
 
 def test_frame_counts_from_a_csv_or_the_crops_with_a_warning(release: Path, tmp_path: Path, capsys) -> None:
     truth = _truth(release)
     csv = tmp_path / "counts.csv"
     csv.write_text("video,frames\n" + "".join(f"{v},{x['n'] + 2}\n" for v, x in truth.items()))
-    t = _pack(release, tmp_path / "csv", frame_counts=csv)["splits"]["test"]
-    assert t["video_frames"] == {v: x["n"] + 2 for v, x in truth.items()}
-    assert t["frame_counts_from"] == {"frame_counts": TEST_VIDEOS}
+    t = _pack(release, tmp_path / "csv", frame_counts=csv).splits["test"]
+    assert t.video_frames == {v: x["n"] + 2 for v, x in truth.items()}
+    assert t.frame_counts_from == {"frame_counts": TEST_VIDEOS}
 
     capsys.readouterr()
     m = _pack(release, tmp_path / "crops")
     mtl_listed: dict[str, int] = {}
-    for line in Path(m["splits"]["test"]["lists"]["mtl"]["source"]).read_text().split()[1:]:
+    for line in Path(m.splits["test"].lists["mtl"].source).read_text().split()[1:]:
         video, frame = line.split("/")
         mtl_listed[video] = max(mtl_listed.get(video, 0), int(frame[:-4]))
     expected = {v: max(max(x["crops"]), mtl_listed.get(v, 0)) for v, x in truth.items()}
-    assert m["splits"]["test"]["video_frames"] == expected
+    assert m.splits["test"].video_frames == expected
     assert any(expected[v] < x["n"] for v, x in truth.items())  # the fallback misses frames; hence the warning
     err = capsys.readouterr().err
     assert "no --videos DIR or --frame-counts CSV given" in err and "highest cropped frame" in err
-    assert any("highest cropped frame" in w for w in m["warnings"])
+    assert any("highest cropped frame" in w for w in m.warnings)
 
 
 def test_listed_video_without_frames_is_an_error_or_skipped_and_counted(release: Path, tmp_path: Path) -> None:
@@ -137,11 +138,30 @@ def test_listed_video_without_frames_is_an_error_or_skipped_and_counted(release:
             os.symlink(d, images / d.name)
     kw = dict(segment_len=16, shard_size=2, test_lists=_lists(release), videos_dir=release / "videos", progress=False)
     with pytest.raises(DataError, match=f"no frames folder for test video {gone} .*--skip-bad-rows"):
-        pack(images, None, tmp_path / "a", **kw)
-    m = pack(images, None, tmp_path / "b", skip_bad_rows=True, **kw)
-    t = m["splits"]["test"]
-    assert t["videos_skipped"] == 1 and gone in t["skipped_videos"][0] and gone not in t["video_frames"]
-    assert t["videos"] == TEST_VIDEOS - 1
+        pack(PackOptions(images, None, tmp_path / "a", **kw))
+    m = pack(PackOptions(images, None, tmp_path / "b", skip_bad_rows=True, **kw))
+    t = m.splits["test"]
+    assert t.videos_skipped == 1 and gone in t.skipped_videos[0] and gone not in t.video_frames
+    assert t.videos == TEST_VIDEOS - 1
+
+
+def test_the_commands_synth_prints_pack_and_verify(tmp_path: Path) -> None:
+    """`mtl synth --test-videos`, then the `mtl pack` command it prints, as printed, then `mtl shards verify`:
+    exit 0 and its JSON summary (verify used to stop with KeyError: 'tasks' on the unlabelled split)."""
+    synth = ok(run([sys.executable, "-m", "mtl.cli", "synth", "--out", str(tmp_path / "synth"), "--videos", "3",
+                    "--frames", "24", "--test-videos", "2", "--workers", "1"], cwd=tmp_path))  # fmt: skip
+    printed = synth.stdout.strip().splitlines()[-1].split()
+    assert printed[:2] == ["mtl", "pack"] and "--test-list" in printed and printed[-2:] == ["--out", "shards/synth"]
+    ok(run([sys.executable, "-m", "mtl.cli", *printed[1:]], cwd=tmp_path))
+    root = tmp_path / "shards" / "synth"
+    proc = ok(mtl("shards", "verify", str(root), "--workers", "1"))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = read_manifest(root)
+    assert isinstance(manifest.splits[testset.SPLIT], UnlabelledSplit) and {"train", "val"} <= set(manifest.splits)
+    assert summary["bad"] == [] and summary["stats_mismatches"] == []
+    assert summary["shards"] == len(manifest.shards()) and summary["samples"] == sum(
+        s.samples for s in manifest.splits.values()
+    )
 
 
 def test_list_names_and_bad_lists(tmp_path: Path) -> None:
@@ -190,9 +210,9 @@ def test_eval_test_writes_every_frame_in_order_and_check_catches_mistakes(
                   f"data.shards={test_pack}"))  # fmt: skip
     assert "unlabelled: no metrics" in proc.stdout and not (out / "metrics.json").exists()
     sub = out / "submission"
-    entry = read_manifest(test_pack)["splits"]["test"]
+    entry = read_manifest(test_pack).splits["test"]
     truth = _truth(release)
-    listed = {track: (test_pack / e["path"]).read_text().split() for track, e in entry["lists"].items()}
+    listed = {track: (test_pack / e.path).read_text().split() for track, e in entry.lists.items()}
     without_crop = 0
     for t in tasks():
         rows = _rows(sub / t.submission)

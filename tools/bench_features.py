@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mtl.config import read_yaml
-from mtl.data.pack import pack
+from mtl.data.pack import PackOptions, pack
 from mtl.data.synth import make_synth
 from mtl.extraction.extract import ExtractSpec, extract, load_encoder
 
@@ -54,7 +54,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         release = make_synth(tmp / "synth", videos=args.videos, frames=args.frames, seed=0)
         shards = tmp / "shards"
-        pack(release / "cropped_aligned", release / "annotations", shards, workers=1, progress=False)
+        pack(PackOptions(release / "cropped_aligned", release / "annotations", shards, workers=1, progress=False))
         t = time.perf_counter()
         encoder = load_encoder(spec)
         load_s = time.perf_counter() - t
@@ -62,8 +62,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         m = extract(shards, tmp / "features", spec, progress=False)
         wall = time.perf_counter() - t
-        encoded = sum(s["frames_with_image"] for s in m["splits"].values())
-        frames = sum(s["frames"] for s in m["splits"].values())
+        encoded = sum(s.frames_with_image for s in m.splits.values())
+        frames = sum(s.frames for s in m.splits.values())
         source_bytes, cache_bytes = du(shards), du(tmp / "features")
         result = {
             "backbone": args.backbone,
@@ -114,7 +114,7 @@ class EpochTimer:
 
         self.source = DataSource(cfg)
         self.engine = build_engine(self.source.build_model(), cfg, 1, torch.device("cpu"))
-        tasks = read_manifest(cfg.data.shards)["splits"][cfg.data.train_split]["tasks"]
+        tasks = read_manifest(cfg.data.shards).splits[cfg.data.train_split].task_stats()
         self.loss_fn = MultiTaskLoss(cfg.loss, tasks)
         self.engine.ds.train()
         if self.source.uses_features:
@@ -141,7 +141,7 @@ def bench_train_epoch(case: str, work: Path, *, videos: int, frames: int, clip_l
     shards = work / f"shards-T{clip_len}"  # pixel segments of clip_len frames, one clip each per epoch
     if not (shards / "manifest.json").is_file():
         synth = make_synth(work / "synth", videos=videos, frames=frames, seed=0)
-        pack(synth / "cropped_aligned", synth / "annotations", shards, segment_len=clip_len, workers=1)
+        pack(PackOptions(synth / "cropped_aligned", synth / "annotations", shards, segment_len=clip_len, workers=1))
     feats = work / f"features-{case}-T{clip_len}"
     t0 = time.perf_counter()
     if not (feats / "manifest.json").is_file():

@@ -207,12 +207,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.shards:
         shards = Path(args.shards)
     else:
-        from mtl.data.pack import pack
+        from mtl.data.pack import PackOptions, pack
 
         shards = Path(tmp.name) / "shards"
-        pack(data / "cropped_aligned", data / "annotations", shards, segment_len=args.segment_len,
-             shard_size=16, workers=1, progress=False)  # fmt: skip
-    seg = read_manifest(shards)["params"]["segment_len"]
+        pack(PackOptions(data / "cropped_aligned", data / "annotations", shards, segment_len=args.segment_len,
+             shard_size=16, workers=1, progress=False))  # fmt: skip
+    seg = read_manifest(shards).params.segment_len
     cfg = DataConfig(shards=str(shards), clip_len=args.clip_len, batch_size=args.batch_size,
                      num_workers=args.workers, image_size=args.image_size, augment=AugmentConfig())  # fmt: skip
 

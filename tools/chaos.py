@@ -103,13 +103,15 @@ class Child:
 
 
 def make_data(work: Path) -> Path:
-    from mtl.data.pack import pack
+    from mtl.data.pack import PackOptions, pack
     from mtl.data.synth import make_synth
 
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
         root = make_synth(work / "synth", videos=6, frames=48, seed=0)
-        pack(root / "cropped_aligned", root / "annotations", shards, segment_len=16, shard_size=3, workers=1)
+        pack(
+            PackOptions(root / "cropped_aligned", root / "annotations", shards, segment_len=16, shard_size=3, workers=1)
+        )
     return shards
 
 

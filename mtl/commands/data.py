@@ -25,7 +25,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from mtl.data.pack import pack
+    from mtl.data.manifest import UnlabelledSplit
+    from mtl.data.pack import PackOptions, pack
     from mtl.errors import DataError
     from mtl.tasks import load_plugins
 
@@ -37,7 +38,7 @@ def _pack(args: argparse.Namespace) -> int:
     if (args.videos or args.frame_counts) and not args.test_list:
         raise DataError("--videos and --frame-counts count the frames of test videos; give --test-list too")
     t = time.time()
-    manifest = pack(
+    opts = PackOptions(
         Path(args.images),
         Path(args.annotations) if args.annotations else None,
         Path(args.out),
@@ -52,20 +53,21 @@ def _pack(args: argparse.Namespace) -> int:
         shuffle_seed=args.seed,
         overwrite=args.overwrite,
     )
-    for name, s in manifest["splits"].items():
-        if s.get("unlabeled"):
-            skipped = f", {s['videos_skipped']} listed videos skipped (no frames)" if s["videos_skipped"] else ""
-            lists = ", ".join(f"{t} {e['videos']} videos" for t, e in s["lists"].items())
-            print(f"{name} (unlabelled): {s['videos']} videos, {s['frames']} frames ({s['frames_without_image']} "
-                  f"without image), {s['samples']} samples in {len(s['shards'])} shards; lists: "
+    manifest = pack(opts)
+    for name, s in manifest.splits.items():
+        if isinstance(s, UnlabelledSplit):
+            skipped = f", {s.videos_skipped} listed videos skipped (no frames)" if s.videos_skipped else ""
+            lists = ", ".join(f"{t} {e.videos} videos" for t, e in s.lists.items())
+            print(f"{name} (unlabelled): {s.videos} videos, {s.frames} frames ({s.frames_without_image} "
+                  f"without image), {s.samples} samples in {len(s.shards)} shards; lists: "
                   f"{lists}{skipped}")  # fmt: skip
             continue
-        tasks = ", ".join(f"{t} {st['labeled_frames']}" for t, st in s["tasks"].items())
-        skipped = f", {s['bad_rows_skipped']} bad rows skipped" if s["bad_rows_skipped"] else ""
-        if s.get("bad_images_skipped"):
-            skipped += f", {s['bad_images_skipped']} undecodable images skipped (listed in the manifest)"
-        print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['images']} with image), {s['samples']} samples "
-              f"in {len(s['shards'])} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
+        tasks = ", ".join(f"{t} {st.labeled_frames}" for t, st in s.tasks.items())
+        skipped = f", {s.bad_rows_skipped} bad rows skipped" if s.bad_rows_skipped else ""
+        if s.bad_images_skipped:
+            skipped += f", {s.bad_images_skipped} undecodable images skipped (listed in the manifest)"
+        print(f"{name}: {s.videos} videos, {s.frames} frames ({s.images} with image), {s.samples} samples "
+              f"in {len(s.shards)} shards; labelled frames with image: {tasks}{skipped}")  # fmt: skip
     print(f"wrote {Path(args.out) / 'manifest.json'} ({time.time() - t:.1f}s)")
     return 0
 

@@ -53,10 +53,10 @@ def _features(args: argparse.Namespace) -> int:
     t = time.time()
     m = extract(Path(args.shards), Path(args.out), spec, overwrite=args.overwrite, progress=not args.no_progress)
     if m is not None and int(os.environ.get("RANK", "0")) == 0:
-        for name, s in m["splits"].items():
-            print(f"{name}: {s['videos']} videos, {s['frames']} frames ({s['frames_with_image']} with image) in "
-                  f"{len(s['shards'])} shards")  # fmt: skip
-        print(f"wrote {Path(args.out) / 'manifest.json'} ({m['dim']} x {m['dtype']}, {time.time() - t:.1f}s)")
+        for name, s in m.splits.items():
+            print(f"{name}: {s.videos} videos, {s.frames} frames ({s.frames_with_image} with image) in "
+                  f"{len(s.shards)} shards")  # fmt: skip
+        print(f"wrote {Path(args.out) / 'manifest.json'} ({m.dim} x {m.dtype}, {time.time() - t:.1f}s)")
     return 0
 
 

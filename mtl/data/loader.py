@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtl.allocator import keep_freed_memory
 from mtl.data.legs import Leg, share, shuffle_seed, shuffled, train_batches_per_epoch, unread
-from mtl.data.manifest import read_manifest, split_entry
+from mtl.data.manifest import read_manifest
 from mtl.data.ring import PixelRing
 from mtl.data.seeds import derive_seed
 from mtl.data.shardio import Sample, ShardReader, check_size, parse_sample, read_raw
@@ -71,10 +71,9 @@ class SplitTable:
         """The split's shards, each checked to have the manifest's size (one stat each, before any worker starts,
         so a changed shard stops a run with one line naming it)."""
         root = Path(root)
-        entry = split_entry(read_manifest(root), split, root)
-        shards = entry["shards"]
-        table = cls(root, [root / s["path"] for s in shards], [s["samples"] for s in shards],
-                    [s["sample_frames"] for s in shards], [s.get("bytes") for s in shards])  # fmt: skip
+        shards = read_manifest(root).split(split).shards
+        table = cls(root, [root / s.path for s in shards], [s.samples for s in shards],
+                    [s.sample_frames for s in shards], [s.bytes for s in shards])  # fmt: skip
         for path, size in zip(table.paths, table.sizes):
             check_size(path, size)
         return table

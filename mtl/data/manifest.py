@@ -1,4 +1,5 @@
-"""``manifest.json``: what `mtl pack` wrote, read back and checked once so every consumer can trust its fields.
+"""``manifest.json``: what `mtl pack` wrote, as one typed schema (``PackManifest``) that pack writes and every reader
+(verify, the loaders, extraction, training, evaluation) gets back checked, so each can trust its fields.
 
 Layout (paths relative to the data root)::
 
@@ -21,6 +22,9 @@ Layout (paths relative to the data root)::
          "lists": {"va" | "expr" | "au" | "mtl": {"path", "source", "videos", "rows", "sha256"}},
          "videos_skipped", "skipped_videos": [...]}},
      "unlabeled_videos": [...], "warnings": [...]}
+
+A file that does not match is one DataError naming it and the field (``splits.train.shards[3].sha256: ...``).
+Fields added later have defaults, so packs written before them still load.
 """
 
 from __future__ import annotations
@@ -30,14 +34,28 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Discriminator, Field, PrivateAttr, StrictBool, Tag, model_validator
+
+from mtl.data.schema import (
+    MANIFEST,
+    Count,
+    ManifestModel,
+    Positive,
+    Sha256,
+    SplitsManifest,
+    Text,
+    field_error,
+    read_json_model,
+)
 from mtl.errors import DataError, naming
 from mtl.tasks import get_task, task_names
 
+__all__ = ["FORMAT", "MANIFEST", "PackManifest", "file_sha256", "read_manifest", "write_manifest"]
+
 FORMAT = "mtl-shards/1"
 _NUMBER_LIST = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]")
-MANIFEST = "manifest.json"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,11 +67,214 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path, manifest: dict) -> Path:
+# ------------------------------------------------------------------------------------------------ parts
+
+
+class ShardRecord(ManifestModel):
+    """One shard of a split: where it is, what it holds (samples, frames, frames per sample), its size and hash."""
+
+    path: Text
+    samples: Count
+    frames: Count
+    images: Count | None = None  # frames with an image
+    bytes: Count | None = None  # (packs before this field lack it: the loader then skips the size check)
+    sha256: Sha256
+    sample_frames: list[Positive]
+
+    @model_validator(mode="after")
+    def _frames_add_up(self) -> ShardRecord:
+        if len(self.sample_frames) != self.samples:
+            raise field_error("sample_frames", f"expected one frame count per sample ({self.samples}), "
+                              f"got {len(self.sample_frames)}")  # fmt: skip
+        if sum(self.sample_frames) != self.frames:
+            raise field_error(
+                "frames", f"{self.frames} does not match the sum of sample_frames ({sum(self.sample_frames)})"
+            )
+        return self
+
+
+class TaskStats(ManifestModel):
+    """One task's statistics over a labelled split; the task's count fields (``class_counts``, ``positive_counts``:
+    ``Task.count_fields``) are extra fields, checked against the registered task by the split."""
+
+    videos: Count | None = None  # videos with an annotation for this task
+    labeled_frames: Count  # frames with a valid label and an image
+    labeled_missing_image: Count  # frames with a valid label and no image
+
+    def counts(self, field: str) -> list[int]:
+        """One count field (as the task's ``count_fields`` names it)."""
+        return (self.model_extra or {})[field]
+
+
+class TrackListRecord(ManifestModel):
+    """One organisers' test list, copied into the pack (``test/lists/<track>.txt``)."""
+
+    path: Text
+    source: Text = ""  # the file it was read from
+    videos: Count
+    rows: Count  # submission rows it asks for
+    sha256: Sha256
+
+
+class _SplitBase(ManifestModel):
+    videos: Count
+    frames: Count
+    samples: Count
+    shards: list[ShardRecord]
+
+    def _check_shards(self) -> None:
+        if sum(sh.samples for sh in self.shards) != self.samples:
+            raise field_error(
+                "samples", f"{self.samples} disagrees with the shards' {sum(sh.samples for sh in self.shards)}"
+            )
+        if sum(sh.frames for sh in self.shards) != self.frames:
+            raise field_error(
+                "frames", f"{self.frames} disagrees with the shards' {sum(sh.frames for sh in self.shards)}"
+            )
+
+
+class LabelledSplit(_SplitBase):
+    """A split packed from annotations (train, val): shards and per-task statistics."""
+
+    images: Count | None = None
+    tasks: dict[str, TaskStats]
+    video_frames: dict[str, Count] = Field(default_factory=dict)
+    videos_without_images: list[str] = Field(default_factory=list)
+    bad_rows_skipped: Count = 0
+    bad_rows: list[str] = Field(default_factory=list)  # "file:line: reason", the first few
+    skipped_files: list[str] = Field(default_factory=list)
+    bad_images_skipped: Count = 0
+    bad_images: list[str] = Field(default_factory=list)  # "file: reason", the first few
+
+    @property
+    def unlabeled(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LabelledSplit:
+        self._check_shards()
+        names = task_names()
+        # Every task packed is checked if it is registered here; a task registered after the pack is simply absent.
+        if not any(t in self.tasks for t in names):
+            raise field_error("tasks", f"none of the tasks {', '.join(names)}")
+        for name in names:
+            if name not in self.tasks:
+                continue
+            extra = self.tasks[name].model_extra or {}
+            for k, n in get_task(name).count_fields().items():
+                v = extra.get(k)
+                ok = isinstance(v, list) and len(v) == n and all(type(x) is int and x >= 0 for x in v)
+                if not ok:
+                    raise field_error(f"tasks.{name}.{k}", f"expected {n} non-negative integers, got {v!r:.80}")
+        return self
+
+    def task_stats(self) -> dict[str, dict[str, Any]]:
+        """``tasks`` as plain mappings, as the tasks' loss weights read them (``mtl.tasks.losses``)."""
+        return {name: st.model_dump() for name, st in self.tasks.items()}
+
+
+class UnlabelledSplit(_SplitBase):
+    """The organisers' test set (``mtl pack --test-list``): shards, no labels; the lists and frame counts a
+    submission is checked against."""
+
+    unlabeled: Literal[True] = True
+    images: Count
+    frames_without_image: Count
+    video_frames: dict[str, Positive]
+    frame_counts_from: dict[str, Count] = Field(default_factory=dict)  # source ("videos", "frame_counts", ...) -> n
+    lists: dict[str, TrackListRecord] = Field(min_length=1)
+    videos_skipped: Count = 0
+    skipped_videos: list[str] = Field(default_factory=list)
+
+    @property
+    def tasks(self) -> dict[str, TaskStats]:
+        """No task statistics: nothing is labelled."""
+        return {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UnlabelledSplit:
+        self._check_shards()
+        if self.images + self.frames_without_image != self.frames:
+            raise field_error("frames_without_image", "images + frames_without_image should equal frames")
+        vf = self.video_frames
+        if len(vf) != self.videos or sum(vf.values()) != self.frames:
+            raise field_error("video_frames", "disagrees with videos / frames")
+        return self
+
+
+_LABELLED, _UNLABELLED = "<labelled split>", "<unlabelled split>"
+TAGS = frozenset((_LABELLED, _UNLABELLED))
+
+
+def _split_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return _LABELLED if value.get("unlabeled", False) is False else _UNLABELLED
+    return _UNLABELLED if isinstance(value, UnlabelledSplit) else _LABELLED
+
+
+Split = Annotated[
+    Annotated[LabelledSplit, Tag(_LABELLED)] | Annotated[UnlabelledSplit, Tag(_UNLABELLED)],
+    Discriminator(_split_kind),
+]
+
+
+class PackInputs(ManifestModel):
+    """Where the release was read from (absent: not given)."""
+
+    images: Text
+    annotations: Text | None = None
+    mtl_files: dict[str, str] | None = None
+    test_lists: list[str] | None = None
+    videos: Text | None = None
+    frame_counts: Text | None = None
+
+
+class PackParams(ManifestModel):
+    """How the pack was cut; part of its fingerprint."""
+
+    segment_len: Positive
+    shard_size: Positive
+    shuffle_seed: Annotated[int, Field(strict=True)]
+    shuffled_splits: list[str] = Field(default_factory=lambda: ["train"])
+    skip_bad_rows: StrictBool
+    source: Text  # "abaw", "mtl-track" or "test-lists"
+    sample_format: Text | None = None
+
+
+class PackManifest(SplitsManifest):
+    """A packed data root's ``manifest.json``."""
+
+    format: Literal["mtl-shards/1"] = FORMAT
+    params: PackParams
+    inputs: PackInputs
+    splits: dict[str, Split] = Field(min_length=1)
+    unlabeled_videos: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path:
+        """The file it was read from or written to (``manifest.json`` when neither)."""
+        return self._path or Path(MANIFEST)
+
+    def split(self, name: str) -> LabelledSplit | UnlabelledSplit:
+        """One split with samples; DataError listing the splits there are when it is absent or empty."""
+        if name not in self.splits:
+            raise DataError(f"{self.path}: no split {name!r} (have {', '.join(self.splits)})")
+        entry = self.splits[name]
+        if entry.samples == 0:
+            raise DataError(f"{self.path}: split {name!r} has no samples")
+        return entry
+
+
+# ------------------------------------------------------------------------------------------------ file
+
+
+def write_manifest(root: Path, manifest: PackManifest) -> Path:
     """Atomic write; the manifest appears only once every shard it lists is complete."""
     path = Path(root) / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
-    text = json.dumps(manifest, indent=1)
+    text = json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=1)
     text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)  # one line per list
     try:
         with naming(tmp):
@@ -62,123 +283,14 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    manifest._path = path
     return path
 
 
-def load_manifest_json(root: Path, fmt: str, what: str) -> dict[str, Any]:
-    """``root/manifest.json`` parsed, a mapping of format ``fmt``; DataError naming the file otherwise (``what``:
-    the end of "is ROOT ..." when it is missing)."""
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: not found; is {root} {what}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    need(isinstance(manifest, dict), path, "top level", "expected a mapping")
-    need(manifest.get("format") == fmt, path, "format", f"expected {fmt!r}, got {manifest.get('format')!r}")
-    return manifest
-
-
-def need(cond: bool, path: Path, key: str, what: str) -> None:
-    """A manifest check: DataError naming the file and the key when ``cond`` fails."""
-    if not cond:
-        raise DataError(f"{path}: {key}: {what}")
-
-
-def is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _check_split(path: Path, name: str, s: Any) -> None:
-    key = f"splits.{name}"
-    need(isinstance(s, dict), path, key, "expected a mapping")
-    for k in ("videos", "frames", "samples"):
-        need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
-    shards = s.get("shards")
-    need(isinstance(shards, list), path, f"{key}.shards", "expected a list")
-    for i, sh in enumerate(shards):
-        sk = f"{key}.shards[{i}]"
-        need(isinstance(sh, dict), path, sk, "expected a mapping")
-        need(isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
-        need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "expected a hash")
-        for k in ("samples", "frames"):
-            need(is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
-        sf = sh.get("sample_frames")
-        need(
-            isinstance(sf, list) and len(sf) == sh["samples"] and all(is_count(x) and x > 0 for x in sf),
-            path,
-            f"{sk}.sample_frames",
-            "expected one positive frame count per sample",
-        )
-        need(sum(sf) == sh["frames"], path, f"{sk}.frames", "does not match the sum of sample_frames")
-    need(sum(sh["samples"] for sh in shards) == s["samples"], path, f"{key}.samples", "disagrees with the shards")
-    need(sum(sh["frames"] for sh in shards) == s["frames"], path, f"{key}.frames", "disagrees with the shards")
-    if s.get("unlabeled", False) is not False:
-        _check_unlabeled(path, key, s)
-        return
-    tasks = s.get("tasks")
-    need(isinstance(tasks, dict), path, f"{key}.tasks", "expected a mapping")
-    # Every task packed is checked if it is registered here; a task registered after the pack is simply absent.
-    need(any(t in tasks for t in task_names()), path, f"{key}.tasks", f"none of the tasks {', '.join(task_names())}")
-    for name in task_names():
-        if name not in tasks:
-            continue
-        t, tk = tasks[name], f"{key}.tasks.{name}"
-        need(isinstance(t, dict), path, tk, "expected a mapping")
-        for k in ("labeled_frames", "labeled_missing_image"):
-            need(is_count(t.get(k)), path, f"{tk}.{k}", "expected a non-negative integer")
-        for k, n in get_task(name).count_fields().items():
-            v = t.get(k)
-            need(
-                isinstance(v, list) and len(v) == n and all(is_count(x) for x in v),
-                path,
-                f"{tk}.{k}",
-                f"expected {n} non-negative integers",
-            )
-
-
-def _check_unlabeled(path: Path, key: str, s: dict) -> None:
-    need(s["unlabeled"] is True, path, f"{key}.unlabeled", "expected true or absent")
-    for k in ("images", "frames_without_image"):
-        need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
-    need(s["images"] + s["frames_without_image"] == s["frames"], path, f"{key}.frames_without_image",
-          "images + frames_without_image should equal frames")  # fmt: skip
-    vf = s.get("video_frames")
-    need(isinstance(vf, dict) and all(is_count(n) and n > 0 for n in vf.values()), path, f"{key}.video_frames",
-          "expected a mapping of video to frame count")  # fmt: skip
-    need(len(vf) == s["videos"] and sum(vf.values()) == s["frames"], path, f"{key}.video_frames",
-          "disagrees with videos / frames")  # fmt: skip
-    lists = s.get("lists")
-    need(isinstance(lists, dict) and bool(lists), path, f"{key}.lists", "expected a non-empty mapping")
-    for track, e in lists.items():
-        lk = f"{key}.lists.{track}"
-        need(isinstance(e, dict), path, lk, "expected a mapping")
-        need(isinstance(e.get("path"), str), path, f"{lk}.path", "expected a string")
-        need(isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64, path, f"{lk}.sha256", "expected a hash")
-        for k in ("videos", "rows"):
-            need(is_count(e.get(k)), path, f"{lk}.{k}", "expected a non-negative integer")
-
-
-def read_manifest(root: str | Path) -> dict:
-    """The validated manifest of a packed data root; DataError naming the file and key when missing or bad."""
+def read_manifest(root: str | Path) -> PackManifest:
+    """The checked manifest of a packed data root; DataError naming the file and the field when missing or bad."""
     root = Path(root)
     hint = " (an interrupted pack? rerun `mtl pack`)" if (root / ".pack-plan.json").exists() else ""
-    path, manifest = root / MANIFEST, load_manifest_json(root, FORMAT, f"a directory written by `mtl pack`?{hint}")
-    need(isinstance(manifest.get("params"), dict), path, "params", "expected a mapping")
-    splits = manifest.get("splits")
-    need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
-    for name, s in splits.items():
-        _check_split(path, name, s)
+    manifest = read_json_model(root, PackManifest, FORMAT, f"a directory written by `mtl pack`?{hint}", TAGS)
+    manifest._path = root / MANIFEST
     return manifest
-
-
-def split_entry(manifest: dict, split: str, root: str | Path) -> dict:
-    """One split of a manifest; DataError listing the splits there are when it is absent or empty."""
-    splits = manifest["splits"]
-    if split not in splits:
-        raise DataError(f"{Path(root) / MANIFEST}: no split {split!r} (have {', '.join(splits)})")
-    entry = splits[split]
-    if entry["samples"] == 0:
-        raise DataError(f"{Path(root) / MANIFEST}: split {split!r} has no samples")
-    return entry

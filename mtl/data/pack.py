@@ -14,6 +14,10 @@ Same input -> byte-identical shards, whatever the worker count.
 
 Every frame is decoded (the loader's decoder) before it goes into a shard: a truncated or corrupt JPEG is an error
 naming its file, or with ``skip_bad_rows`` a frame without an image, counted and listed in the manifest.
+
+``pack(PackOptions(...))`` runs three steps: ``plan_pack`` (read the labels, scan the images, cut samples and
+shards: nothing written), ``write_pack_shards`` (the shards, resuming), ``pack_manifest`` (the typed
+``PackManifest``, written last).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,19 @@ from tqdm import tqdm
 from mtl.data import testset
 from mtl.data.jpeg import jpeg_problem
 from mtl.data.labels import MAX_LISTED_BAD_ROWS, ParseLog, SplitLabels, VideoLabels
-from mtl.data.manifest import FORMAT, MANIFEST, file_sha256, write_manifest
+from mtl.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    LabelledSplit,
+    PackInputs,
+    PackManifest,
+    PackParams,
+    ShardRecord,
+    TaskStats,
+    UnlabelledSplit,
+    file_sha256,
+    write_manifest,
+)
 from mtl.data.pool import process_pool
 from mtl.data.shardio import JPEG_MAGIC, encode_sample, label_meta, parse_sample, read_raw, write_shard
 from mtl.errors import DataError, MtlError, naming
@@ -344,9 +360,9 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, splits: list[str]
 
 
 def split_stats(videos: list[PackedVideo]) -> dict:
-    stats: dict[str, dict] = {}
+    stats: dict[str, TaskStats] = {}
     for t in tasks():
-        st = stats[t.name] = {"videos": 0, "labeled_frames": 0, "labeled_missing_image": 0}
+        st = {"videos": 0, "labeled_frames": 0, "labeled_missing_image": 0}
         counts = {k: np.zeros(n, np.int64) for k, n in t.count_fields().items()}
         for v in videos:
             valid = v.labels[t.valid_key]
@@ -355,14 +371,14 @@ def split_stats(videos: list[PackedVideo]) -> dict:
             st["labeled_missing_image"] += int((valid & ~v.has_image).sum())
             for k, c in t.counts(v.labels[t.name][valid & v.has_image]).items():
                 counts[k] += c
-        st.update({k: c.tolist() for k, c in counts.items()})
+        stats[t.name] = TaskStats(**st, **{k: c.tolist() for k, c in counts.items()})
     return {
         "videos": len(videos),
         "frames": int(sum(v.n for v in videos)),
         "images": int(sum(int(v.has_image.sum()) for v in videos)),
         "tasks": stats,
         "video_frames": {v.name: v.n for v in videos},
-        "videos_without_images": [v.name for v in videos if v.images.folder is None],
+        "videos_without_images": [v.name for v in videos if not len(v.images.frames)],
     }
 
 
@@ -370,7 +386,7 @@ def split_stats(videos: list[PackedVideo]) -> dict:
 
 
 @dataclass
-class UnlabelledSplit:
+class ListedTestSet:
     """The unlabelled split ``test``: its videos, the organisers' lists, and where each frame count came from."""
 
     videos: list[PackedVideo]
@@ -396,7 +412,7 @@ def build_test_split(
     frame_counts: Path | None,
     labelled: dict[str, str],
     log: ParseLog,
-) -> UnlabelledSplit:
+) -> ListedTestSet:
     """Every video of the organisers' lists with its frames folder; one without is an error (skipped and counted
     under ``skip_bad_rows``); a test video that is also labelled is an error."""
     lists = testset.read_test_lists(test_lists)
@@ -427,10 +443,10 @@ def build_test_split(
         raise DataError(f"{images}: none of the {len(listed_in)} test videos has a frames folder here")
     counts = testset.frame_counts(list(found), highest, videos_dir, frame_counts, log.warnings)
     videos = [unlabelled_video(v, counts.counts[v], img) for v, img in found.items()]
-    return UnlabelledSplit(videos, lists, counts.sources, skipped)
+    return ListedTestSet(videos, lists, counts.sources, skipped)
 
 
-def unlabelled_manifest_entry(out: Path, test: UnlabelledSplit, labelled_entry: dict) -> dict:
+def unlabelled_entry(out: Path, test: ListedTestSet, samples: int, shards: list[ShardRecord]) -> UnlabelledSplit:
     """The manifest's entry of the unlabelled split: shards as any split's, no task stats; frames without an image,
     the lists (copied into the pack) and where the frame counts came from."""
     frames = sum(v.n for v in test.videos)
@@ -439,23 +455,86 @@ def unlabelled_manifest_entry(out: Path, test: UnlabelledSplit, labelled_entry: 
     sources: dict[str, int] = {}
     for source in test.count_sources.values():
         sources[source] = sources.get(source, 0) + 1
-    return {
-        "unlabeled": True,
-        "videos": len(test.videos),
-        "frames": frames,
-        "images": images,
-        "frames_without_image": frames - images,
-        "samples": labelled_entry["samples"],
-        "shards": labelled_entry["shards"],
-        "video_frames": video_frames,
-        "frame_counts_from": dict(sorted(sources.items())),
-        "lists": testset.write_lists(out, test.lists, video_frames),
-        "videos_skipped": len(test.skipped),
-        "skipped_videos": test.skipped,
-    }
+    return UnlabelledSplit(
+        videos=len(test.videos),
+        frames=frames,
+        images=images,
+        frames_without_image=frames - images,
+        samples=samples,
+        shards=shards,
+        video_frames=video_frames,
+        frame_counts_from=dict(sorted(sources.items())),
+        lists=testset.write_lists(out, test.lists, video_frames),
+        videos_skipped=len(test.skipped),
+        skipped_videos=test.skipped,
+    )
 
 
-# ------------------------------------------------------------------------------------------------ entry
+# ------------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """What `mtl pack` packs, where to, and how: the command's flags, as one value.
+
+    ``images``: the ``cropped_aligned`` folder. ``annotations``: the folder holding the ``<Task>_Challenge``
+    folders, or None with ``mtl_files={"train": file, "val": file}`` for the MTL track's single-file format.
+    ``test_lists``: the organisers' test lists (``FILE`` or ``TRACK=FILE``), packed as the unlabelled split
+    ``test`` (alone, or beside the labelled splits), frame counts from ``videos_dir`` or ``frame_counts``.
+    """
+
+    images: Path
+    annotations: Path | None
+    out: Path
+    segment_len: int = 64
+    shard_size: int = 256
+    workers: int = 1
+    skip_bad_rows: bool = False
+    _: KW_ONLY
+    mtl_files: dict[str, Path] | None = None
+    test_lists: list[str] | None = None
+    videos_dir: Path | None = None
+    frame_counts: Path | None = None
+    shuffle_seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """DataError on a value no pack can be made with, before anything is read or written."""
+        for name, low in (("segment_len", 1), ("shard_size", 1), ("workers", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not Path(self.images).is_dir():
+            raise DataError(f"images folder not found: {self.images}")
+
+    def params(self) -> PackParams:
+        """The parameters the manifest records (and the plan's fingerprint covers)."""
+        source = "abaw" if self.annotations is not None else "mtl-track" if self.mtl_files else "test-lists"
+        return PackParams(
+            segment_len=self.segment_len,
+            shard_size=self.shard_size,
+            shuffle_seed=self.shuffle_seed,
+            shuffled_splits=["train"],
+            skip_bad_rows=self.skip_bad_rows,
+            source=source,
+            sample_format="key.json (labels) + key.jpgs (concatenated original JPEGs)",
+        )
+
+    def inputs(self) -> PackInputs:
+        """Where the release was read from, as the manifest records it."""
+        inputs = PackInputs(images=str(self.images))
+        if self.annotations is not None:
+            inputs.annotations = str(self.annotations)
+        elif self.mtl_files:
+            inputs.mtl_files = {k: str(v) for k, v in sorted(self.mtl_files.items())}
+        if self.test_lists:
+            inputs.videos = str(self.videos_dir) if self.videos_dir else None
+            inputs.frame_counts = str(self.frame_counts) if self.frame_counts else None
+        return inputs
+
+
+# ------------------------------------------------------------------------------------------------ plan
 
 
 def _read_labels(annotations: Path | None, mtl_files: dict[str, Path] | None, log: ParseLog) -> SplitLabels:
@@ -470,136 +549,148 @@ def _read_labels(annotations: Path | None, mtl_files: dict[str, Path] | None, lo
     return parse_mtl({k: Path(v) for k, v in mtl_files.items()}, log)
 
 
-def pack(
-    images: Path,
-    annotations: Path | None,
-    out: Path,
-    segment_len: int = 64,
-    shard_size: int = 256,
-    workers: int = 1,
-    skip_bad_rows: bool = False,
-    *,
-    mtl_files: dict[str, Path] | None = None,
-    test_lists: list[str] | None = None,
-    videos_dir: Path | None = None,
-    frame_counts: Path | None = None,
-    shuffle_seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Pack a release into ``out`` and return the manifest written to ``out/manifest.json``.
+@dataclass
+class PackPlan:
+    """Everything a pack will write, decided from its inputs and options alone (nothing written yet)."""
 
-    ``images``: the ``cropped_aligned`` folder. ``annotations``: the folder holding the ``<Task>_Challenge``
-    folders, or None with ``mtl_files={"train": file, "val": file}`` for the MTL track's single-file format.
-    ``test_lists``: the organisers' test lists (``FILE`` or ``TRACK=FILE``), packed as the unlabelled split
-    ``test`` (alone, or beside the labelled splits), frame counts from ``videos_dir`` or ``frame_counts``.
-    """
-    images, out = Path(images), Path(out)
-    for name, value, low in (("segment_len", segment_len, 1), ("shard_size", shard_size, 1), ("workers", workers, 1)):
-        if not isinstance(value, int) or value < low:
-            raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not images.is_dir():
-        raise DataError(f"images folder not found: {images}")
-    log = ParseLog(skip_bad_rows=skip_bad_rows)
-    labels = _read_labels(annotations, mtl_files, log) if annotations or mtl_files or not test_lists else {}
+    opts: PackOptions
+    log: ParseLog  # bad rows, skipped files and warnings met while reading the inputs
+    per_split: dict[str, list[PackedVideo]]
+    test: ListedTestSet | None
+    unlabeled_videos: list[str]  # image folders no split lists
+    params: PackParams
+    fingerprint: str  # of the parameters and every video's labels and image files
+    samples: dict[str, list[tuple[int, int, int]]]  # split -> (video index, start, stop) in shard order
+    jobs: list[dict]  # one per shard, all splits
 
+
+def _videos(opts: PackOptions, log: ParseLog) -> tuple[dict[str, list[PackedVideo]], ListedTestSet | None, set[str]]:
+    """Each split's videos with their labels and images, the test split, and the image folders found."""
+    images = Path(opts.images)
+    use_labels = opts.annotations or opts.mtl_files or not opts.test_lists
+    labels = _read_labels(opts.annotations, opts.mtl_files, log) if use_labels else {}
     image_dirs = {e.name for e in os.scandir(images) if e.is_dir()}
     per_split: dict[str, list[PackedVideo]] = {}
     for split, vids in labels.items():
         if vids:
             per_split[split] = [build_video(name, vids[name], scan_video(images / name)) for name in sorted(vids)]
     test = None
-    if test_lists:
+    if opts.test_lists:
         labelled = {v.name: split for split, vs in per_split.items() for v in vs}
-        test = build_test_split(images, test_lists, videos_dir, frame_counts, labelled, log)
+        test = build_test_split(images, opts.test_lists, opts.videos_dir, opts.frame_counts, labelled, log)
         per_split[testset.SPLIT] = test.videos
     if not per_split:
-        raise DataError(f"no labelled video found in {annotations or mtl_files}")
-    all_videos = [v for vs in per_split.values() for v in vs]
-    if all(v.images.folder is None for v in all_videos):
-        raise DataError(f"{images}: none of the {len(all_videos)} labelled videos has an image folder here")
-    for v in all_videos:
+        raise DataError(f"no labelled video found in {opts.annotations or opts.mtl_files}")
+    return per_split, test, image_dirs
+
+
+def _warn_imageless(images: Path, videos: list[PackedVideo], log: ParseLog) -> None:
+    """A video without any image (no folder, or an empty one) packs, all frames masked, with a warning; if no
+    video has an image there is nothing to learn from: an error."""
+    if all(not len(v.images.frames) for v in videos):
+        raise DataError(f"{images}: none of the {len(videos)} labelled videos has an image here")
+    for v in videos:
         if v.images.folder is None:
             log.warnings.append(f"{images / v.name}: no image folder; all {v.n} frames of {v.name} have no image")
+        elif not len(v.images.frames):
+            log.warnings.append(f"{images / v.name}: empty image folder; all {v.n} frames of {v.name} have no image")
 
-    params = {
-        "segment_len": segment_len,
-        "shard_size": shard_size,
-        "shuffle_seed": shuffle_seed,
-        "shuffled_splits": ["train"],
-        "skip_bad_rows": skip_bad_rows,
-        "source": "abaw" if annotations is not None else "mtl-track" if mtl_files else "test-lists",
-        "sample_format": "key.json (labels) + key.jpgs (concatenated original JPEGs)",
-    }
-    fp = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+
+def plan_pack(opts: PackOptions) -> PackPlan:
+    """Read the labels and scan the images; cut every split into samples and the samples into shards."""
+    opts.check()
+    log = ParseLog(skip_bad_rows=opts.skip_bad_rows)
+    per_split, test, image_dirs = _videos(opts, log)
+    all_videos = [v for vs in per_split.values() for v in vs]
+    _warn_imageless(Path(opts.images), all_videos, log)
+    params = opts.params()
+    fp = hashlib.sha256(json.dumps(params.model_dump(exclude_none=True), sort_keys=True).encode())
     for split, vids in sorted(per_split.items()):
         fp.update(split.encode())
         for v in vids:
             fp.update(v.digest().encode())
-    fingerprint = fp.hexdigest()
-    _prepare_out(out, fingerprint, overwrite, list(per_split))
+    out = Path(opts.out)
+    samples = {s: plan_split(v, opts.segment_len, s == "train", opts.shuffle_seed) for s, v in per_split.items()}
+    jobs = [j for s, vids in per_split.items()
+            for j in _shard_jobs(out, s, vids, samples[s], opts.shard_size, opts.skip_bad_rows)]  # fmt: skip
+    unlabeled = sorted(image_dirs - {v.name for v in all_videos})
+    return PackPlan(opts, log, per_split, test, unlabeled, params, fp.hexdigest(), samples, jobs)
 
-    plans = {s: plan_split(v, segment_len, s == "train", shuffle_seed) for s, v in per_split.items()}
-    jobs = [j for s in per_split for j in _shard_jobs(out, s, per_split[s], plans[s], shard_size, skip_bad_rows)]
+
+# ------------------------------------------------------------------------------------------------ write
+
+
+def write_pack_shards(plan: PackPlan) -> dict[str, list[str]]:
+    """Write the plan's shards into ``opts.out`` (keeping the complete ones an interrupted run left); each job gets
+    its shard's ``bytes`` and ``sha256``. Returns each split's undecodable images skipped (``skip_bad_rows``)."""
+    opts, out = plan.opts, Path(plan.opts.out)
+    _prepare_out(out, plan.fingerprint, opts.overwrite, list(plan.per_split))
     done: dict[str, dict] = {}
-    for job in jobs:  # complete shards from an interrupted run: kept as they are, only hashed
+    for job in plan.jobs:  # complete shards from an interrupted run: kept as they are, only hashed
         if Path(job["path"]).is_file():
             done[job["rel"]] = finished_shard(job)
-    _run_jobs(jobs, workers, progress, done)
-    bad_images = _drop_bad_images(jobs, done, per_split)
+    _run_jobs(plan.jobs, opts.workers, opts.progress, done)
+    for job in plan.jobs:
+        job["bytes"], job["sha256"] = done[job["rel"]]["bytes"], done[job["rel"]]["sha256"]
+    return _drop_bad_images(plan.jobs, done, plan.per_split)
 
-    splits = {}
-    for split, vids in per_split.items():
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def pack_manifest(plan: PackPlan, bad_images: dict[str, list[str]]) -> PackManifest:
+    """The manifest of the written shards: per split its shards and statistics, the inputs and parameters."""
+    log, out = plan.log, Path(plan.opts.out)
+    splits: dict[str, LabelledSplit | UnlabelledSplit] = {}
+    for split, vids in plan.per_split.items():
         shards = [
-            {
-                "path": j["rel"],
-                "samples": len(j["frames"]),
-                "frames": sum(j["frames"]),
-                "images": j["images"],
-                "bytes": done[j["rel"]]["bytes"],
-                "sha256": done[j["rel"]]["sha256"],
-                "sample_frames": j["frames"],
-            }
-            for j in jobs
+            ShardRecord(
+                path=j["rel"],
+                samples=len(j["frames"]),
+                frames=sum(j["frames"]),
+                images=j["images"],
+                bytes=j["bytes"],
+                sha256=j["sha256"],
+                sample_frames=j["frames"],
+            )
+            for j in plan.jobs
             if j["rel"].startswith(split + "/")
         ]
-        stats = split_stats(vids)
-        splits[split] = {
-            "videos": stats.pop("videos"),
-            "frames": stats.pop("frames"),
-            "images": stats.pop("images"),
-            "samples": len(plans[split]),
-            "shards": shards,
-            **stats,
-            "bad_rows_skipped": log.bad_rows.get(split, 0),
-            "bad_rows": log.listed.get(split, []),
-            "skipped_files": log.skipped_files.get(split, []),
-            "bad_images_skipped": len(bad_images[split]),
-            "bad_images": bad_images[split][:MAX_LISTED_BAD_ROWS],
-        }
-    if test is not None:
-        splits[testset.SPLIT] = unlabelled_manifest_entry(out, test, splits[testset.SPLIT])
-    labelled = {v.name for v in all_videos}
-    unlabeled = sorted(image_dirs - labelled)
-    inputs = {"images": str(images)}
-    if annotations is not None:
-        inputs["annotations"] = str(annotations)
-    elif mtl_files:
-        inputs["mtl_files"] = {k: str(v) for k, v in sorted(mtl_files.items())}
-    if test is not None:
-        inputs["test_lists"] = [lst.source for lst in test.lists]
-        inputs.update({k: str(v) for k, v in (("videos", videos_dir), ("frame_counts", frame_counts)) if v})
-    manifest = {
-        "format": FORMAT,
-        "params": params,
-        "inputs": inputs,
-        "splits": splits,
-        "unlabeled_videos": unlabeled,
-        "warnings": log.warnings,
-    }
-    write_manifest(out, manifest)
-    for w in log.warnings[:20]:
+        if plan.test is not None and split == testset.SPLIT:
+            splits[split] = unlabelled_entry(out, plan.test, len(plan.samples[split]), shards)
+            continue
+        splits[split] = LabelledSplit(
+            samples=len(plan.samples[split]),
+            shards=shards,
+            **split_stats(vids),
+            bad_rows_skipped=log.bad_rows.get(split, 0),
+            bad_rows=log.listed.get(split, []),
+            skipped_files=log.skipped_files.get(split, []),
+            bad_images_skipped=len(bad_images[split]),
+            bad_images=bad_images[split][:MAX_LISTED_BAD_ROWS],
+        )
+    inputs = plan.opts.inputs()
+    if plan.test is not None:
+        inputs.test_lists = [lst.source for lst in plan.test.lists]
+    return PackManifest(
+        params=plan.params, inputs=inputs, splits=splits, unlabeled_videos=plan.unlabeled_videos,
+        warnings=log.warnings,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def pack(opts: PackOptions) -> PackManifest:
+    """Pack a release into ``opts.out`` and return the manifest written to ``out/manifest.json``: plan (read and
+    cut, nothing written), write the shards, then the manifest, last, once every shard it lists is complete."""
+    plan = plan_pack(opts)
+    bad_images = write_pack_shards(plan)
+    manifest = pack_manifest(plan, bad_images)
+    write_manifest(Path(opts.out), manifest)
+    warnings = plan.log.warnings
+    for w in warnings[:20]:
         print(f"mtl pack: warning: {w}", file=sys.stderr)
-    if len(log.warnings) > 20:
-        print(f"mtl pack: {len(log.warnings) - 20} more warnings in {out / MANIFEST}", file=sys.stderr)
+    if len(warnings) > 20:
+        print(f"mtl pack: {len(warnings) - 20} more warnings in {Path(opts.out) / MANIFEST}", file=sys.stderr)
     return manifest

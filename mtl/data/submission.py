@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl.data import mtl_track_file
-from mtl.data.manifest import read_manifest
+from mtl.data.manifest import UnlabelledSplit, read_manifest
 from mtl.data.testset import TrackList, load_lists
 from mtl.errors import DataError
 from mtl.tasks import BadRow, Task, get_task
@@ -44,16 +44,17 @@ def image_name(video: str, frame: int) -> str:
     return f"{video}/{frame:05d}.jpg"
 
 
-def unlabeled_entry(root: Path, split: str) -> dict:
+def unlabeled_entry(root: Path, split: str) -> UnlabelledSplit:
     """The manifest entry of an unlabelled split (one packed from test lists); DataError otherwise."""
-    root = Path(root)
-    splits = read_manifest(root)["splits"]
+    manifest = read_manifest(root)
+    splits = manifest.splits
     if split not in splits:
-        raise DataError(f"{root / 'manifest.json'}: no split {split!r} (have {', '.join(splits)})")
-    if not splits[split].get("unlabeled"):
-        raise DataError(f"{root / 'manifest.json'}: split {split!r} is labelled; submissions are checked against the "
+        raise DataError(f"{manifest.path}: no split {split!r} (have {', '.join(splits)})")
+    entry = splits[split]
+    if not isinstance(entry, UnlabelledSplit):
+        raise DataError(f"{manifest.path}: split {split!r} is labelled; submissions are checked against the "
                         f"test lists of an unlabelled split (`mtl pack --test-list ...`)")  # fmt: skip
-    return splits[split]
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -177,5 +178,5 @@ def check_submission(folder: Path, shards: Path, split: str = "test") -> tuple[P
     for p in sorted(folder.iterdir()):
         if p.name not in files and not p.name.startswith("."):
             problems.add(f"{p}: unexpected file (the organisers expect {', '.join(files)})")
-    rows = {name: check_file(folder / name, lst, entry["video_frames"], problems) for name, lst in files.items()}
+    rows = {name: check_file(folder / name, lst, entry.video_frames, problems) for name, lst in files.items()}
     return problems, rows

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mtl.data import mtl_track_file
 from mtl.data.labels import read_text_lines
-from mtl.data.manifest import file_sha256
+from mtl.data.manifest import TrackListRecord, UnlabelledSplit, file_sha256
 from mtl.errors import DataError
 from mtl.tasks import task_names, tasks
 
@@ -258,7 +258,7 @@ def frame_counts(
 # ------------------------------------------------------------------------------------------------ in the pack
 
 
-def write_lists(out: Path, lists: list[TrackList], video_frames: dict[str, int]) -> dict[str, dict]:
+def write_lists(out: Path, lists: list[TrackList], video_frames: dict[str, int]) -> dict[str, TrackListRecord]:
     """Copy the lists into the pack (``test/lists/<track>.txt``, atomically) -> the manifest's ``lists`` entry."""
     folder = Path(out) / SPLIT / "lists"
     folder.mkdir(parents=True, exist_ok=True)
@@ -274,20 +274,20 @@ def write_lists(out: Path, lists: list[TrackList], video_frames: dict[str, int])
         tmp = folder / f"{lst.track}.txt.tmp"
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, Path(out) / rel)
-        entry[lst.track] = {"path": rel, "source": lst.source, "videos": len(lst.videos), "rows": rows,
-                            "sha256": file_sha256(Path(out) / rel)}  # fmt: skip
+        entry[lst.track] = TrackListRecord(path=rel, source=lst.source, videos=len(lst.videos), rows=rows,
+                                           sha256=file_sha256(Path(out) / rel))  # fmt: skip
     return entry
 
 
-def load_lists(root: Path, split_entry: dict) -> list[TrackList]:
+def load_lists(root: Path, entry: UnlabelledSplit) -> list[TrackList]:
     """The lists a pack holds for an unlabelled split, checked against the manifest's hashes."""
     out = []
-    for track, e in split_entry["lists"].items():
-        path = Path(root) / e["path"]
-        if not path.is_file() or file_sha256(path) != e["sha256"]:
+    for track, e in entry.lists.items():
+        path = Path(root) / e.path
+        if not path.is_file() or file_sha256(path) != e.sha256:
             raise DataError(f"{path}: missing or changed since `mtl pack` wrote it; pack the test lists again")
         lst = read_frame_list(path) if track == mtl_track_file.TRACK else read_video_list(path, track)
-        out.append(TrackList(track, e["source"], lst.videos, lst.frames))
+        out.append(TrackList(track, e.source, lst.videos, lst.frames))
     return out
 
 

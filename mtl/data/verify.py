@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtl.data.jpeg import jpeg_problem  # the loader's own decoder
-from mtl.data.manifest import file_sha256, read_manifest
+from mtl.data.manifest import ShardRecord, file_sha256, read_manifest
 from mtl.data.pool import process_pool
 from mtl.data.shardio import Sample, parse_sample
 from mtl.errors import DataError
@@ -59,22 +59,22 @@ def sample_stats(sample: Sample, into: dict) -> None:
             st[k] = st.get(k, 0) + np.asarray(c, np.int64)
 
 
-def check_shard(root: str, entry: dict) -> ShardReport:
+def check_shard(root: str, entry: ShardRecord) -> ShardReport:
     """All checks of one shard; problems are collected (up to a few), not raised."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    rep = ShardReport(entry["path"])
-    path = Path(root) / entry["path"]
+    rep = ShardReport(entry.path)
+    path = Path(root) / entry.path
     if not path.is_file():
         rep.problems.append("file missing")
         return rep
     digest = file_sha256(path)
     size = path.stat().st_size
-    if "bytes" in entry and size != entry["bytes"]:
-        rep.problems.append(f"size {size} bytes, manifest says {entry['bytes']}")
-    if digest != entry["sha256"]:
-        rep.problems.append(f"sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
-    expected = entry["sample_frames"]
+    if entry.bytes is not None and size != entry.bytes:
+        rep.problems.append(f"size {size} bytes, manifest says {entry.bytes}")
+    if digest != entry.sha256:
+        rep.problems.append(f"sha256 {digest[:12]}... does not match the manifest's {entry.sha256[:12]}...")
+    expected = entry.sample_frames
 
     def files():
         with open(path, "rb") as f:
@@ -86,7 +86,7 @@ def check_shard(root: str, entry: dict) -> ShardReport:
         for raw in group_by_keys(files()):
             i = rep.samples
             rep.samples += 1
-            sample = parse_sample(raw, entry["path"])
+            sample = parse_sample(raw, entry.path)
             sample_stats(sample, rep.stats)
             if raw["__key__"] != f"{i:06d}":
                 rep.problems.append(f"sample {i} has key {raw['__key__']}")
@@ -107,34 +107,33 @@ def check_shard(root: str, entry: dict) -> ShardReport:
         rep.problems.append(f"unreadable after {rep.samples} samples: {exc}")
     except DataError as exc:
         rep.problems.append(str(exc))
-    if rep.samples != entry["samples"]:
-        rep.problems.append(f"{rep.samples} samples, manifest says {entry['samples']}")
-    if rep.frames != entry["frames"] and not rep.problems:
-        rep.problems.append(f"{rep.frames} frames, manifest says {entry['frames']}")
+    if rep.samples != entry.samples:
+        rep.problems.append(f"{rep.samples} samples, manifest says {entry.samples}")
+    if rep.frames != entry.frames and not rep.problems:
+        rep.problems.append(f"{rep.frames} frames, manifest says {entry.frames}")
     return rep
 
 
 def verify(root: str | Path, workers: int = 1, progress: bool = True) -> list[ShardReport]:
     """One report per shard listed in the manifest, in manifest order."""
     root = Path(root)
-    manifest = read_manifest(root)
-    entries = [sh for split in manifest["splits"].values() for sh in split["shards"]]
+    entries = read_manifest(root).shards()
     bar = tqdm(total=len(entries), desc="verify", unit="shard", disable=not progress)
     reports: dict[str, ShardReport] = {}
     try:
         if workers <= 1:
             for e in entries:
-                reports[e["path"]] = check_shard(str(root), e)
+                reports[e.path] = check_shard(str(root), e)
                 bar.update(1)
         else:
             with process_pool(workers) as pool:
-                futs = {pool.submit(check_shard, str(root), e): e["path"] for e in entries}
+                futs = {pool.submit(check_shard, str(root), e): e.path for e in entries}
                 for fut in cf.as_completed(futs):
                     reports[futs[fut]] = fut.result()
                     bar.update(1)
     finally:
         bar.close()
-    return [reports[e["path"]] for e in entries]
+    return [reports[e.path] for e in entries]
 
 
 def _add(total: dict, part: dict) -> None:
@@ -157,19 +156,21 @@ def _figures(images: Any, video_frames: dict, task_stats: dict, names: list[str]
 
 def stats_problems(root: str | Path, reports: list[ShardReport]) -> list[str]:
     """Where the manifest's statistics of a split differ from the sums over its samples (``splits.<split>.<key>:
-    manifest X, samples Y``); a split with an unreadable shard is skipped (that shard is reported already)."""
+    manifest X, samples Y``); a split with an unreadable shard is skipped (that shard is reported already). An
+    unlabelled split (the test set) has no task statistics: its images and frames per video are checked."""
     manifest = read_manifest(root)
     by_path = {r.path: r for r in reports}
     problems = []
-    for split, entry in manifest["splits"].items():
-        parts = [by_path.get(sh["path"]) for sh in entry["shards"]]
+    for split, entry in manifest.splits.items():
+        parts = [by_path.get(sh.path) for sh in entry.shards]
         if not all(r is not None and r.ok for r in parts):
             continue
         total: dict = {}
         for r in parts:
             _add(total, r.stats)
-        names = [t.name for t in tasks() if t.name in entry["tasks"]]
-        recorded = _figures(entry.get("images"), entry.get("video_frames", {}), entry["tasks"], names)
+        stats = {name: st.model_dump() for name, st in entry.tasks.items()}
+        names = [t.name for t in tasks() if t.name in stats]
+        recorded = _figures(entry.images, entry.video_frames, stats, names)
         found = _figures(total.get("images", 0), total.get("video_frames", {}), total.get("tasks", {}), names)
         for key, want in recorded.items():
             if want is not None and want != found[key]:
@@ -185,9 +186,10 @@ def _short(value: Any) -> str:
 def stray_files(root: str | Path) -> list[str]:
     """Shard-like files the manifest does not list (leftover .tmp, shards of an older pack)."""
     root = Path(root)
-    listed = {sh["path"] for s in read_manifest(root)["splits"].values() for sh in s["shards"]}
+    manifest = read_manifest(root)
+    listed = {sh.path for sh in manifest.shards()}
     out = []
-    for split in read_manifest(root)["splits"]:
+    for split in manifest.splits:
         for p in sorted((root / split).glob("*")):
             rel = f"{split}/{p.name}"
             if rel not in listed and (p.suffix in (".tar", ".tmp")):

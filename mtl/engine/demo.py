@@ -13,7 +13,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, frames: int | None = None) -> dict:
-    from mtl.data.pack import pack
+    from mtl.data.pack import PackOptions, pack
     from mtl.data.synth import make_synth
     from mtl.engine.trainer import train
     from mtl.evaluation.offline import run_eval
@@ -34,8 +34,8 @@ def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, fra
         print(f"[2/4] packing WebDataset shards -> {shards}", flush=True)
         # Segments of 2 x clip_len: many samples per epoch (each a random clip window), so batches stay varied.
         segment = 2 * cfg.data.clip_len
-        pack(root / "cropped_aligned", root / "annotations", shards, segment_len=segment,
-             workers=min(2, os.cpu_count() or 1))  # fmt: skip
+        pack(PackOptions(root / "cropped_aligned", root / "annotations", shards, segment_len=segment,
+             workers=min(2, os.cpu_count() or 1)))  # fmt: skip
     else:
         print(f"[1-2/4] reusing packed shards in {shards}", flush=True)
     print(f"[3/4] training ({cfg.model.backbone}, {cfg.train.max_steps} steps) -> {run_dir}", flush=True)

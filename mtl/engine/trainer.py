@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
 from mtl.data.legs import Leg
-from mtl.data.manifest import read_manifest
+from mtl.data.manifest import LabelledSplit, read_manifest
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
@@ -104,15 +104,19 @@ class Trainer:
         barrier()
         resume_from = self._resume_point()
         self.manifest = read_manifest(cfg.data.shards)
-        splits = self.manifest["splits"]
+        splits = self.manifest.splits
         if cfg.data.train_split not in splits:
             raise MtlError(f"data.train_split={cfg.data.train_split!r} is not in {cfg.data.shards} ({list(splits)})")
+        train_entry = splits[cfg.data.train_split]
+        if not isinstance(train_entry, LabelledSplit):
+            raise MtlError(f"data.train_split={cfg.data.train_split!r}: an unlabelled split (the test set) in "
+                           f"{cfg.data.shards}; train on a labelled one")  # fmt: skip
 
         self.source = DataSource(cfg)  # pixels or cached features; their inputs checked before any model exists
         if self.source.uses_features:
             self.source.split(cfg.data.train_split)
         model = self.source.build_model()
-        self.loss_fn = MultiTaskLoss(cfg.loss, splits[cfg.data.train_split]["tasks"])
+        self.loss_fn = MultiTaskLoss(cfg.loss, train_entry.task_stats())
         universal = resume_from is not None and self._universal(resume_from)
         self.engine = build_engine(model, cfg, self.env.world_size, self.env.device, load_universal=universal)
         self.state = ckpt.TrainState(config=to_dict(cfg))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtl.data.manifest import read_manifest, split_entry
+from mtl.data.manifest import UnlabelledSplit, read_manifest
 from mtl.data.testset import load_lists
 from mtl.errors import MtlError
 from mtl.evaluation.evaluate import (
@@ -48,7 +48,7 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
     """Metrics of a labelled split ({} for an unlabelled one); files under ``out_dir``."""
     trained = load_model(checkpoint, overrides)
     root = Path(trained.cfg.data.shards)
-    entry = split_entry(read_manifest(root), split, root)
+    entry = read_manifest(root).split(split)
     loader = trained.source.eval_loader(split, rank=0, world_size=1)
     metrics, preds = evaluate(
         partial(forward, trained.model), loader, torch.device("cpu"), collect=True, progress=True, desc=f"eval {split}"
@@ -57,7 +57,7 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
     out_dir.mkdir(parents=True, exist_ok=True)
     assert preds is not None
     write_predictions(preds, out_dir / "predictions.csv")
-    if entry.get("unlabeled"):
+    if isinstance(entry, UnlabelledSplit):
         _write_test(checkpoint, root, split, entry, preds, out_dir)
         scores: dict[str, float] = {}
         tuned = [TUNED_SUBMISSION] if (out_dir / TUNED_SUBMISSION).is_dir() else []
@@ -84,18 +84,20 @@ def _label(checkpoint: Path) -> str:
     return source.tag if isinstance(source, Checkpoint) else source.stem
 
 
-def _write_test(checkpoint: Path, root: Path, split: str, entry: dict, preds: FramePredictions, out: Path) -> None:
+def _write_test(
+    checkpoint: Path, root: Path, split: str, entry: UnlabelledSplit, preds: FramePredictions, out: Path
+) -> None:
     """Submission files at 0.5 (``submission/``) and, where `mtl eval --split val` tuned thresholds for this run,
     with those (``submission_tuned_au/``)."""
     lists = load_lists(root, entry)
-    gaps = write_test_submission(preds, lists, entry["video_frames"], out / "submission")
+    gaps = write_test_submission(preds, lists, entry.video_frames, out / "submission")
     thresholds, source = tuned_thresholds(checkpoint)
     if thresholds:
-        write_test_submission(preds, lists, entry["video_frames"], out / TUNED_SUBMISSION, thresholds=thresholds)
+        write_test_submission(preds, lists, entry.video_frames, out / TUNED_SUBMISSION, thresholds=thresholds)
     for gap in gaps:
         print(f"mtl eval: warning: {gap}")
     tuned = f"; with the thresholds of {source} in {out / TUNED_SUBMISSION}" if source else ""
-    print(f"split {split!r} is unlabelled: no metrics. Predictions of its {entry['frames']} frames "
-          f"({entry['frames_without_image']} without a crop) in {out / 'predictions.csv'}; submission files for "
+    print(f"split {split!r} is unlabelled: no metrics. Predictions of its {entry.frames} frames "
+          f"({entry.frames_without_image} without a crop) in {out / 'predictions.csv'}; submission files for "
           f"{', '.join(lst.track for lst in lists)} in {out / 'submission'}{tuned}")  # fmt: skip
     print(f"check them before upload: mtl submission check {out / 'submission'} --shards {root} --split {split}")

@@ -32,11 +32,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtl.data.manifest import MANIFEST, file_sha256, read_manifest
+from mtl.data.manifest import MANIFEST, PackManifest, file_sha256, read_manifest
 from mtl.data.shardio import ShardReader, parse_sample
 from mtl.data.transforms import ClipTransform, decode_clip
 from mtl.errors import ConfigError, DataError, MtlError
-from mtl.features.manifest import DTYPES, write_feature_manifest
+from mtl.features.manifest import (
+    DTYPES,
+    Extractor,
+    FeatureManifest,
+    FeatureParams,
+    FeatureShardRecord,
+    FeatureSource,
+    FeatureSplitRecord,
+    read_feature_manifest,
+    write_feature_manifest,
+)
 from mtl.features.shards import FORMAT, FeatureSample, write_feature_shard
 
 PLAN_FILE = ".features-plan.json"
@@ -227,13 +237,13 @@ def _scan_shard(root: Path, rel: str) -> list[tuple[str, Segment]]:
     return out
 
 
-def scan_source(root: Path, manifest: dict) -> dict[str, dict[str, list[Segment]]]:
+def scan_source(root: Path, manifest: PackManifest) -> dict[str, dict[str, list[Segment]]]:
     """split -> video (name order) -> its segments in frame order; DataError if a video's frames do not join up."""
     out: dict[str, dict[str, list[Segment]]] = {}
-    for split, entry in manifest["splits"].items():
+    for split, entry in manifest.splits.items():
         videos: dict[str, list[Segment]] = defaultdict(list)
-        for sh in entry["shards"]:
-            for video, seg in _scan_shard(root, sh["path"]):
+        for sh in entry.shards:
+            for video, seg in _scan_shard(root, sh.path):
                 videos[video].append(seg)
         for video, segs in videos.items():
             segs.sort(key=lambda s: s.first)
@@ -243,7 +253,7 @@ def scan_source(root: Path, manifest: dict) -> dict[str, dict[str, list[Segment]
                     raise DataError(f"{root / s.shard}: sample {s.index:06d} of video {video} starts at frame "
                                     f"{s.first}, expected {expect} (segments missing or repeated)")  # fmt: skip
                 expect += s.frames
-            want = entry.get("video_frames", {}).get(video)
+            want = entry.video_frames.get(video)
             if want is not None and want != expect - 1:
                 raise DataError(f"{root / MANIFEST}: splits.{split}.video_frames.{video} is {want}, its samples "
                                 f"hold {expect - 1} frames")  # fmt: skip
@@ -422,35 +432,26 @@ def _shard_records(out: Path, plan: list[OutShard]) -> dict[str, dict] | None:
 
 def build_manifest(shards: Path, source_sha: str, info: dict, spec: ExtractSpec, dim: int,
                    source: dict[str, dict[str, list[Segment]]], plan: list[OutShard],
-                   records: dict[str, dict]) -> dict:  # fmt: skip
+                   records: dict[str, dict]) -> FeatureManifest:  # fmt: skip
     splits = {}
     for split, videos in source.items():
         segs = [s for v in videos.values() for s in v]
-        splits[split] = {
-            "videos": len(videos),
-            "frames": sum(s.frames for s in segs),
-            "frames_with_image": sum(s.images for s in segs),
-            "shards": [
-                {
-                    "path": s.path,
-                    **records[s.path],
-                    "samples": len(s.sample_frames),
-                    "frames": sum(s.sample_frames),
-                    "sample_frames": s.sample_frames,
-                }
-                for s in plan
-                if s.split == split
-            ],  # fmt: skip
-        }
-    return {
-        "format": FORMAT,
-        "source": {"shards": str(shards.resolve()), "manifest_sha256": source_sha},
-        "extractor": info,
-        "dim": dim,
-        "dtype": spec.dtype,
-        "params": {"max_frames": spec.max_frames, "shard_frames": spec.shard_frames, "batch_size": spec.batch_size},
-        "splits": splits,
-    }
+        shards_of = [
+            FeatureShardRecord(path=s.path, **records[s.path], samples=len(s.sample_frames),
+                               frames=sum(s.sample_frames), sample_frames=s.sample_frames)
+            for s in plan
+            if s.split == split
+        ]  # fmt: skip
+        splits[split] = FeatureSplitRecord(videos=len(videos), frames=sum(s.frames for s in segs),
+                                           frames_with_image=sum(s.images for s in segs), shards=shards_of)  # fmt: skip
+    return FeatureManifest(
+        source=FeatureSource(shards=str(shards.resolve()), manifest_sha256=source_sha),
+        extractor=Extractor(**info),
+        dim=dim,
+        dtype=spec.dtype,
+        params=FeatureParams(max_frames=spec.max_frames, shard_frames=spec.shard_frames, batch_size=spec.batch_size),
+        splits=splits,
+    )
 
 
 def extract(
@@ -461,7 +462,7 @@ def extract(
     part: Part | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict | None:
+) -> FeatureManifest | None:
     """Extract the features of every split of the pack ``shards`` into ``out``; returns the manifest written to
     ``out/manifest.json``.
 
@@ -523,8 +524,6 @@ def extract(
                 raise DataError(f"{out / MANIFEST}: cannot write ({exc.strerror or exc})") from None
     _barrier(part)
     if part.group and part.index != 0:
-        from mtl.features.manifest import read_feature_manifest
-
         result = read_feature_manifest(out)
     if result is None and progress:
         print(f"part {part.index} of {part.count} done; the last part to finish writes {out / MANIFEST}",

@@ -34,49 +34,48 @@ from mtl.data.loader import label_arrays, plan_eval, put_labels
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.data.seeds import derive_seed
 from mtl.errors import DataError
-from mtl.features.manifest import EXTRACTOR_KEYS, read_feature_manifest
+from mtl.features.manifest import EXTRACTOR_KEYS, FeatureManifest, FeatureShardRecord, read_feature_manifest
 from mtl.features.shards import FeatureSample, read_feature_shard
 
 # ------------------------------------------------------------------------------------------------ manifests
 
 
-def check_sources(roots: list[str] | list[Path], source_root: str | Path) -> list[dict]:
+def check_sources(roots: list[str] | list[Path], source_root: str | Path) -> list[FeatureManifest]:
     """The extractions' manifests, after checking that all were made from the shards at ``source_root``."""
     manifests = [read_feature_manifest(r) for r in roots]
     if not manifests:
         raise DataError("data.features: no feature directories given")
-    first = manifests[0]["source"]
+    first = manifests[0].source
     for root, m in zip(roots[1:], manifests[1:]):
-        src = m["source"]
-        if src["manifest_sha256"] != first["manifest_sha256"]:
+        src = m.source
+        if src.manifest_sha256 != first.manifest_sha256:
             raise DataError(
-                f"{Path(root) / MANIFEST} was extracted from {src.get('shards')} (manifest sha256 "
-                f"{src['manifest_sha256'][:12]}) but {Path(roots[0]) / MANIFEST} from {first.get('shards')} "
-                f"({first['manifest_sha256'][:12]}): concatenated features must come from the same source shards"
+                f"{Path(root) / MANIFEST} was extracted from {src.shards} (manifest sha256 "
+                f"{src.manifest_sha256[:12]}) but {Path(roots[0]) / MANIFEST} from {first.shards} "
+                f"({first.manifest_sha256[:12]}): concatenated features must come from the same source shards"
             )
     source_manifest = Path(source_root) / MANIFEST
     if not source_manifest.is_file():
         raise DataError(f"data.shards={source_root}: no {MANIFEST} there (the shards the features were made from)")
     have = file_sha256(source_manifest)
-    if first["manifest_sha256"] != have:
+    if first.manifest_sha256 != have:
         raise DataError(
-            f"{Path(roots[0]) / MANIFEST}: extracted from {first.get('shards')} (manifest sha256 "
-            f"{first['manifest_sha256'][:12]}), not from data.shards={source_root} (manifest sha256 {have[:12]}); "
+            f"{Path(roots[0]) / MANIFEST}: extracted from {first.shards} (manifest sha256 "
+            f"{first.manifest_sha256[:12]}), not from data.shards={source_root} (manifest sha256 {have[:12]}); "
             f"point data.shards at the source or extract again with `mtl features`"
         )
     return manifests
 
 
-def extractor_params(roots: list[str] | list[Path], manifests: list[dict]) -> dict[str, Any]:
+def extractor_params(roots: list[str] | list[Path], manifests: list[FeatureManifest]) -> dict[str, Any]:
     """The extractors' identity, as MLflow params ``features.<i>.<key>``."""
     out: dict[str, Any] = {}
     for i, (root, m) in enumerate(zip(roots, manifests)):
-        ex = m["extractor"]
         out[f"features.{i}.path"] = str(root)
-        out[f"features.{i}.dim"] = m["dim"]
-        out[f"features.{i}.dtype"] = m.get("dtype")
-        out.update({f"features.{i}.{k}": ex.get(k) for k in EXTRACTOR_KEYS})
-    out["features.dim"] = sum(m["dim"] for m in manifests)
+        out[f"features.{i}.dim"] = m.dim
+        out[f"features.{i}.dtype"] = m.dtype
+        out.update({f"features.{i}.{k}": getattr(m.extractor, k) for k in EXTRACTOR_KEYS})
+    out["features.dim"] = sum(m.dim for m in manifests)
     return out
 
 
@@ -97,32 +96,32 @@ class Video:
         return len(self.frames)
 
 
-def _read_shard(root: Path, split: str, entry: dict, dim: int) -> list[FeatureSample]:
+def _read_shard(root: Path, split: str, entry: FeatureShardRecord, dim: int) -> list[FeatureSample]:
     """One shard's samples, after checking its size and sha256 against the manifest."""
-    path = root / entry["path"]
+    path = root / entry.path
     if not path.is_file():
         raise DataError(f"{path}: missing (listed in {root / MANIFEST}, split {split!r})")
     size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise DataError(f"{path}: damaged feature shard ({size} bytes, its manifest says {entry['bytes']})")
-    if file_sha256(path) != entry["sha256"]:
+    if size != entry.bytes:
+        raise DataError(f"{path}: damaged feature shard ({size} bytes, its manifest says {entry.bytes})")
+    if file_sha256(path) != entry.sha256:
         raise DataError(f"{path}: damaged feature shard (sha256 differs from its manifest)")
     samples = list(read_feature_shard(path))
-    if len(samples) != entry["samples"]:
-        raise DataError(f"{path}: {len(samples)} samples, its manifest says {entry['samples']}")
+    if len(samples) != entry.samples:
+        raise DataError(f"{path}: {len(samples)} samples, its manifest says {entry.samples}")
     for s in samples:
         if s.features.shape[1] != dim:
             raise DataError(f"{path}: video {s.video} has features of dim {s.features.shape[1]}, manifest dim {dim}")
     return samples
 
 
-def _videos(root: Path, manifest: dict, split: str) -> list[tuple[Path, Video]]:
+def _videos(root: Path, manifest: FeatureManifest, split: str) -> list[tuple[Path, Video]]:
     """(shard path, video) per video of one extraction's split; consecutive segments of a video joined."""
-    if split not in manifest["splits"]:
-        raise DataError(f"{root / MANIFEST}: no split {split!r} (have {', '.join(manifest['splits']) or 'none'})")
+    if split not in manifest.splits:
+        raise DataError(f"{root / MANIFEST}: no split {split!r} (have {', '.join(manifest.splits) or 'none'})")
     out: list[tuple[Path, Video]] = []
-    for entry in manifest["splits"][split]["shards"]:
-        for s in _read_shard(root, split, entry, manifest["dim"]):
+    for entry in manifest.splits[split].shards:
+        for s in _read_shard(root, split, entry, manifest.dim):
             if out and out[-1][1].name == s.video:
                 v = out[-1][1]
                 v.frames = np.concatenate([v.frames, s.frames])
@@ -130,7 +129,7 @@ def _videos(root: Path, manifest: dict, split: str) -> list[tuple[Path, Video]]:
                 v.features = np.concatenate([v.features, s.features])
                 v.labels = {k: np.concatenate([v.labels[k], s.labels[k]]) for k in v.labels}
             else:
-                out.append((root / entry["path"], Video(s.video, s.frames, s.has_image, s.features, s.labels)))
+                out.append((root / entry.path, Video(s.video, s.frames, s.has_image, s.features, s.labels)))
     if not out:
         raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
     return out
@@ -165,7 +164,7 @@ class FeatureSplit:
         self.videos, self.dim = videos, dim
 
     @classmethod
-    def load(cls, roots: list[str] | list[Path], manifests: list[dict], split: str) -> FeatureSplit:
+    def load(cls, roots: list[str] | list[Path], manifests: list[FeatureManifest], split: str) -> FeatureSplit:
         roots = [Path(r) for r in roots]
         per = [_videos(r, m, split) for r, m in zip(roots, manifests)]
         for r, other in zip(roots[1:], per[1:]):
@@ -178,7 +177,7 @@ class FeatureSplit:
             v.features = np.concatenate([f.astype(dtype, copy=False) for f in feats], axis=1) if len(feats) > 1 \
                 else feats[0]  # fmt: skip
             videos.append(v)
-        return cls(videos, sum(m["dim"] for m in manifests))
+        return cls(videos, sum(m.dim for m in manifests))
 
     @property
     def lengths(self) -> list[int]:

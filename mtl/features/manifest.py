@@ -26,7 +26,8 @@ Layout (paths relative to the cache root; the names below are fixed, readers may
 
 A sample is one video, or one of ``ceil(n / max_frames)`` equal consecutive parts of a longer one, in frame order;
 a video's parts are consecutive samples of one shard. Videos are in name order within a split. The manifest is
-written last, once every shard it lists is complete.
+written last, once every shard it lists is complete. ``FeatureManifest`` is its typed schema: a file that does not
+match is one DataError naming it and the field.
 """
 
 from __future__ import annotations
@@ -34,55 +35,95 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from mtl.data.manifest import MANIFEST, is_count, load_manifest_json, need
+from pydantic import Field, StrictBool, model_validator
+
+from mtl.data.manifest import MANIFEST
+from mtl.data.schema import Count, ManifestModel, Positive, Sha256, SplitsManifest, Text, field_error, read_json_model
 from mtl.features.shards import FORMAT
 
 DTYPES = ("float16", "float32")
+EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
 
 
-def write_feature_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+class FeatureSource(ManifestModel):
+    """The pixel pack the features were extracted from, and the hash of its manifest at the time."""
+
+    shards: Text
+    manifest_sha256: Sha256
+
+
+class Extractor(ManifestModel):
+    """The frame encoder: what makes two caches' features comparable (``EXTRACTOR_KEYS``)."""
+
+    backbone: Text
+    weights_sha256: Text
+    checkpoint: Text | None = None
+    pool: Text
+    image_size: Positive
+    mean: list[float]
+    std: list[float]
+    hflip_tta: StrictBool
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureShardRecord(ManifestModel):
+    path: Text
+    bytes: Count
+    sha256: Sha256
+    samples: Count
+    frames: Count | None = None
+    sample_frames: list[Positive] | None = None
+
+    @model_validator(mode="after")
+    def _frames_add_up(self) -> FeatureShardRecord:
+        if self.sample_frames is not None and len(self.sample_frames) != self.samples:
+            raise field_error("sample_frames", f"expected one frame count per sample ({self.samples}), "
+                              f"got {len(self.sample_frames)}")  # fmt: skip
+        return self
+
+
+class FeatureSplitRecord(ManifestModel):
+    videos: Count
+    frames: Count
+    frames_with_image: Count
+    shards: list[FeatureShardRecord]
+
+
+class FeatureParams(ManifestModel):
+    """How the samples were cut (absent in hand-made caches)."""
+
+    max_frames: Positive | None = None
+    shard_frames: Positive | None = None
+    batch_size: Positive | None = None
+
+
+class FeatureManifest(SplitsManifest):
+    """A feature cache's ``manifest.json``."""
+
+    format: Literal["mtl-features/1"] = FORMAT
+    source: FeatureSource
+    extractor: Extractor
+    dim: Positive
+    dtype: Literal["float16", "float32"]
+    params: FeatureParams = Field(default_factory=FeatureParams)
+    splits: dict[str, FeatureSplitRecord] = Field(min_length=1)
+
+
+def write_feature_manifest(root: Path, manifest: FeatureManifest) -> Path:
     """Atomic, and safe when two writers race (SLURM tasks finishing together): each its own temporary name."""
     path = Path(root) / MANIFEST
     tmp = path.with_name(f"{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
 
 
-EXTRACTOR_KEYS = ("backbone", "weights_sha256", "checkpoint", "pool", "image_size", "mean", "std", "hflip_tta")
-
-
-def read_feature_manifest(root: str | Path) -> dict[str, Any]:
-    """The validated manifest of a feature cache; DataError naming the file and the key when missing or bad."""
+def read_feature_manifest(root: str | Path) -> FeatureManifest:
+    """The checked manifest of a feature cache; DataError naming the file and the field when missing or bad."""
     root = Path(root)
-    path = root / MANIFEST
-    m = load_manifest_json(root, FORMAT, "a folder written by `mtl features` (and did it finish)?")
-    src = m.get("source")
-    need(isinstance(src, dict) and isinstance(src.get("shards"), str), path, "source.shards", "expected a path")
-    need(isinstance(src.get("manifest_sha256"), str), path, "source.manifest_sha256", "expected the source's sha256")
-    ex = m.get("extractor")
-    need(isinstance(ex, dict), path, "extractor", "expected a mapping")
-    for k in EXTRACTOR_KEYS:
-        need(k in ex, path, f"extractor.{k}", "missing")
-    need(is_count(m.get("dim")) and m["dim"] > 0, path, "dim", "expected a positive integer")
-    need(m.get("dtype") in DTYPES, path, "dtype", f"expected one of {DTYPES}")
-    splits = m.get("splits")
-    need(isinstance(splits, dict) and bool(splits), path, "splits", "expected a non-empty mapping")
-    for name, s in splits.items():
-        key = f"splits.{name}"
-        need(isinstance(s, dict), path, key, "expected a mapping")
-        for k in ("videos", "frames", "frames_with_image"):
-            need(is_count(s.get(k)), path, f"{key}.{k}", "expected a non-negative integer")
-        need(isinstance(s.get("shards"), list), path, f"{key}.shards", "expected a list")
-        for i, sh in enumerate(s["shards"]):
-            sk = f"{key}.shards[{i}]"
-            need(isinstance(sh, dict) and isinstance(sh.get("path"), str), path, f"{sk}.path", "expected a string")
-            need(isinstance(sh.get("sha256"), str) and len(sh["sha256"]) == 64, path, f"{sk}.sha256", "bad hash")
-            for k in ("bytes", "samples"):
-                need(is_count(sh.get(k)), path, f"{sk}.{k}", "expected a non-negative integer")
-    return m
+    return read_json_model(root, FeatureManifest, FORMAT, "a folder written by `mtl features` (and did it finish)?")
 
 
 def manifest_format(root: str | Path) -> str | None:

@@ -14,23 +14,23 @@ from tqdm import tqdm
 from mtl.data.manifest import file_sha256
 from mtl.data.verify import MAX_REASONS, ShardReport
 from mtl.errors import DataError
-from mtl.features.manifest import read_feature_manifest
+from mtl.features.manifest import FeatureShardRecord, read_feature_manifest
 from mtl.features.shards import read_feature_shard
 
 
-def check_feature_shard(root: Path, entry: dict, dim: int, dtype: str) -> ShardReport:
-    rep = ShardReport(entry["path"])
-    path = Path(root) / entry["path"]
+def check_feature_shard(root: Path, entry: FeatureShardRecord, dim: int, dtype: str) -> ShardReport:
+    rep = ShardReport(entry.path)
+    path = Path(root) / entry.path
     if not path.is_file():
         rep.problems.append("file missing")
         return rep
     size = path.stat().st_size
-    if size != entry["bytes"]:
-        rep.problems.append(f"size {size} bytes, manifest says {entry['bytes']}")
+    if size != entry.bytes:
+        rep.problems.append(f"size {size} bytes, manifest says {entry.bytes}")
     digest = file_sha256(path)
-    if digest != entry["sha256"]:
-        rep.problems.append(f"sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
-    expected = entry.get("sample_frames")
+    if digest != entry.sha256:
+        rep.problems.append(f"sha256 {digest[:12]}... does not match the manifest's {entry.sha256[:12]}...")
+    expected = entry.sample_frames
     try:
         for i, s in enumerate(read_feature_shard(path)):
             rep.samples += 1
@@ -46,8 +46,8 @@ def check_feature_shard(root: Path, entry: dict, dim: int, dtype: str) -> ShardR
                 rep.problems.append(f"sample {i:06d} has non-finite features")
     except DataError as exc:
         rep.problems.append(str(exc))
-    if rep.samples != entry["samples"]:
-        rep.problems.append(f"{rep.samples} samples, manifest says {entry['samples']}")
+    if rep.samples != entry.samples:
+        rep.problems.append(f"{rep.samples} samples, manifest says {entry.samples}")
     return rep
 
 
@@ -55,8 +55,7 @@ def verify_features(root: str | Path, progress: bool = True) -> list[ShardReport
     """One report per shard listed in the manifest, in manifest order."""
     root = Path(root)
     m = read_feature_manifest(root)
-    entries = [sh for split in m["splits"].values() for sh in split["shards"]]
     reports = []
-    for e in tqdm(entries, desc="verify", unit="shard", disable=not progress):
-        reports.append(check_feature_shard(root, e, m["dim"], m["dtype"]))
+    for e in tqdm(m.shards(), desc="verify", unit="shard", disable=not progress):
+        reports.append(check_feature_shard(root, e, m.dim, m.dtype))
     return reports

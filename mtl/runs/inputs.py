@@ -42,7 +42,7 @@ class DataSource:
 
     @property
     def feature_dim(self) -> int | None:
-        return sum(m["dim"] for m in self.manifests) if self.features else None
+        return sum(m.dim for m in self.manifests) if self.features else None
 
     def params(self) -> dict[str, Any]:
         """What to log beside the config: the extractors' identity, when training on features."""

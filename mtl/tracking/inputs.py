@@ -14,26 +14,26 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource  # registered by mlflow.data for local paths
 
 from mtl.config import DataConfig
-from mtl.data.manifest import MANIFEST
+from mtl.data.manifest import MANIFEST, PackManifest
 
 DIGEST_CHARS = 16  # MLflow stores at most 36
 
 
-def split_digest(manifest: dict, split: str) -> str:
+def split_digest(manifest: PackManifest, split: str) -> str:
     """Over each shard's path and sha256 (as recorded), in order: the split's contents, not its location."""
     h = hashlib.sha256()
-    for shard in manifest["splits"][split]["shards"]:
-        h.update(f"{shard['path']}\t{shard['sha256']}\n".encode())
+    for shard in manifest.splits[split].shards:
+        h.update(f"{shard.path}\t{shard.sha256}\n".encode())
     return h.hexdigest()[:DIGEST_CHARS]
 
 
-def shard_datasets(data: DataConfig, manifest: dict) -> list[tuple[MetaDataset, str]]:
+def shard_datasets(data: DataConfig, manifest: PackManifest) -> list[tuple[MetaDataset, str]]:
     """(dataset, context) for the training split and the validation split (when the manifest has it)."""
     root = Path(data.shards).resolve()
     source = LocalArtifactDatasetSource(str(root / MANIFEST))
     out = []
     for split, context in ((data.train_split, "training"), (data.val_split, "validation")):
-        if split in manifest["splits"]:
+        if split in manifest.splits:
             dataset = MetaDataset(source, name=f"{root.name}/{split}", digest=split_digest(manifest, split))
             out.append((dataset, context))
     return out
