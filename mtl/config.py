@@ -16,39 +16,12 @@ from typing import Annotated, Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from mtl.errors import ConfigError, MtlError
+from mtl.fields import Bool, Float, Int, Str
 from mtl.naming import run_name
-from mtl.tasks import load_plugins, task_names, tasks
-
-
-def _integral(v: Any) -> Any:
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def _yaml_float(v: Any) -> Any:  # YAML 1.1 reads "1e-4" as a string
-    try:
-        return float(v) if isinstance(v, str) else v
-    except ValueError:
-        return v
-
-
-# Field types as strict as a config should be: pydantic's lax mode would read 1 or "yes" as True and "2" as 2, its
-# strict mode would refuse 2.0 for an int and "1e-4" for a float. So: a bool is true/false; an int is an int or a
-# whole float; a float is a number or a numeric string (YAML 1.1 reads 1e-4 as one), never a bool; a str is a str.
-Int = Annotated[int, Strict(), BeforeValidator(_integral)]
-Float = Annotated[float, Strict(), BeforeValidator(_yaml_float)]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
+from mtl.tasks import LossOptions, Task, get_task, load_plugins, task_names, tasks
 
 
 class _Section(BaseModel):
@@ -127,12 +100,18 @@ class TasksConfig(_Section):
     plugins: list[Str] = Field(default_factory=list)  # modules imported first, to register more tasks (mtl.tasks)
 
 
+def _task_options() -> dict[str, LossOptions]:
+    return {t.name: t.loss_options() for t in tasks()}
+
+
 class LossConfig(_Section):
+    """Task weights, and each task's own loss options: no field here belongs to one task."""
+
     # task -> weight of its term in the total loss; tasks not named keep 1.0
     weights: dict[str, Float] = Field(default_factory=lambda: dict.fromkeys(task_names(), 1.0))
-    focal_gamma: Float = Field(2.0, ge=0)
-    expr_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's class counts
-    au_alpha: Literal["auto", "none"] | list[Float] = "auto"  # auto: from the manifest's AU positive counts
+    # task -> its loss options, checked against the model its kind names (mtl.tasks.options), e.g.
+    # loss.tasks.expr.alpha=none, loss.tasks.au.gamma=1; keys and tasks not named keep the task's defaults
+    tasks: dict[str, SerializeAsAny[LossOptions]] = Field(default_factory=_task_options)
 
     @field_validator("weights")
     @classmethod
@@ -143,6 +122,26 @@ class LossConfig(_Section):
             if w < 0:
                 raise ConfigError(f"loss.weights.{name}: expected a value >= 0, got {w}")
         return {**dict.fromkeys(task_names(), 1.0), **weights}
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _per_task(cls, given: Any) -> Any:
+        if not isinstance(given, dict):
+            return given  # pydantic says what it expected
+        out = _task_options()
+        for name, raw in given.items():
+            if name not in out:
+                raise _unknown_key(f"loss.tasks.{name}", list(out))
+            task = get_task(name)
+            try:
+                out[name] = task.loss_options(raw.model_dump() if isinstance(raw, BaseModel) else raw)
+            except ValidationError as exc:
+                raise _config_error(exc, task.options_model, task.options_key) from None
+        return out
+
+    def options(self, task: Task) -> LossOptions:
+        """The task's validated options; its defaults where it was registered after this config was made."""
+        return self.tasks[task.name] if task.name in self.tasks else task.loss_options()
 
 
 class OptimConfig(_Section):
@@ -229,17 +228,6 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"data.clip_len ({cfg.data.clip_len}) exceeds model.temporal.max_len ({cfg.model.temporal.max_len})"
         )
-    for task in tasks():  # a task's class weights live in the loss setting it names
-        attr = getattr(task, "alpha_key", None)
-        if attr is None:
-            continue
-        if not hasattr(cfg.loss, attr):
-            raise ConfigError(f"task {task.name}: its class weights key loss.{attr} is not a loss setting")
-        val = getattr(cfg.loss, attr)
-        if isinstance(val, list) and (len(val) != task.width or any(not 0 <= a for a in val)):
-            raise ConfigError(
-                f"loss.{attr}: expected 'auto', 'none' or a list of {task.width} non-negative numbers, got {val}"
-            )
 
 
 # ------------------------------------------------------------------------------ pydantic errors, in our words
@@ -258,19 +246,32 @@ def _type_name(tp: Any) -> str:
     return "Any" if tp is Any else getattr(tp, "__name__", str(tp))
 
 
+def _moved_to(key: str) -> list[str]:
+    """Where the value of a key of an older release lives now ([] for any other key). A user's config that still
+    has one is refused with this hint; a saved run's config is read with it moved (``from_dict``)."""
+    if key == "loss.focal_gamma":  # it was the gamma of every focal loss
+        return [f"{t.options_key}.gamma" for t in tasks() if "gamma" in t.options_model.model_fields]
+    return {"loss.expr_alpha": ["loss.tasks.expr.alpha"], "loss.au_alpha": ["loss.tasks.au.alpha"]}.get(key, [])
+
+
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    moved = _moved_to(key)
+    if moved:
+        return ConfigError(f"config key '{key}' is now {', '.join(moved)} (each task owns its loss options)")
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     section = key.rsplit(".", 1)[0] if "." in key else "top level"
-    return ConfigError(f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(sorted(valid))})")
+    keys = f"valid keys in {section}: {', '.join(sorted(valid))}" if valid else f"{section} takes no keys"
+    return ConfigError(f"unknown config key '{key}'{hint} ({keys})")
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
-    """pydantic's first error as one line: the dotted key, what it expects, what it got."""
+def _config_error(exc: ValidationError, root: type[BaseModel] = Config, prefix: str = "") -> ConfigError:
+    """pydantic's first error as one line: the dotted key (under ``prefix``, for a model below the Config, such as
+    a task's loss options), what it expects, what it got."""
     err = exc.errors()[0]
-    tp: Any = Config
-    key, metadata = "", []
+    tp: Any = root
+    key, metadata = prefix, []
     for item in err["loc"]:  # follow fields, dict keys and list/tuple indices; a union's branch tag ends the walk
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -287,6 +288,8 @@ def _config_error(exc: ValidationError) -> ConfigError:
     got = err["input"]
     if err["type"] == "value_error" and isinstance(err["ctx"]["error"], ConfigError):
         return err["ctx"]["error"]
+    if err["type"] == "value_error":  # a validator's own words
+        return ConfigError(f"{key}: {err['ctx']['error']}")
     if err["type"] in ("greater_than_equal", "less_than_equal"):
         lo = next(m.ge for m in metadata if isinstance(m, annotated_types.Ge))
         hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
@@ -401,10 +404,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _move_old_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys of an older release where they live now (a key set at its new place wins)."""
+    loss = data.get("loss")
+    if not isinstance(loss, dict):
+        return data
+    old = {k: loss[k] for k in loss if _moved_to(f"loss.{k}")}
+    moved: dict[str, dict[str, Any]] = {}
+    for k, value in old.items():
+        for new in _moved_to(f"loss.{k}"):
+            _, _, task, option = new.split(".")  # loss.tasks.<task>.<option>
+            moved.setdefault(task, {})[option] = value
+    kept = {k: v for k, v in loss.items() if k not in old}
+    return {**data, "loss": deep_merge({"tasks": moved}, kept)}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    """Validate a (possibly partial) nested dict against the defaults (a saved run's config, a sweep element)."""
+    """Validate a (possibly partial) nested dict against the defaults: a saved run's config (an export's, a
+    checkpoint's, from an older release too: its moved keys are read at their new place), a submitted job's."""
     load_task_plugins(data)
-    cfg = _validate(data)
+    cfg = _validate(_move_old_keys(data))
     _cross_checks(cfg)
     return cfg
 

@@ -1,5 +1,6 @@
 """Training objective: each registered task's loss term (CCC, softmax or sigmoid focal; see `mtl.tasks.losses`),
-masked by label validity, summed with the ``loss.weights``.
+built by the task from its own options (``loss.tasks.<name>``), masked by label validity, summed with the
+``loss.weights``.
 
 A task absent from the training split's stats (no labels were packed for it) gets no term.
 """
@@ -36,7 +37,7 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         active = trained_tasks(train_stats)
         self.weights = {t.name: float(cfg.weights.get(t.name, 1.0)) for t in active}
-        self.terms = nn.ModuleDict({t.name: t.loss(cfg, train_stats) for t in active})
+        self.terms = nn.ModuleDict({t.name: t.loss(cfg.options(t), train_stats) for t in active})
 
     def forward(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, Any], use_imageless: bool = False

@@ -35,7 +35,13 @@ def test_precedence_defaults_file_overrides(tmp_path: Path) -> None:
         ("train.max_steps=1.5", "train.max_steps: expected int"),
         ("data.augment.crop_scale=[0.9, 0.5]", "data.augment.crop_scale"),
         ("model.temporal.dim=30", "divisible by model.temporal.heads"),
-        ("loss.expr_alpha=[1, 2]", "loss.expr_alpha: expected"),
+        ("loss.tasks.expr.alpha=[1, 2]", "loss.tasks.expr.alpha: expected 'auto', 'none' or a list of 8 non-neg"),
+        ("loss.tasks.au.alpha=[2,2,2,2,2,2,2,2,2,2,2,2]", "loss.tasks.au.alpha: expected 'auto', 'none' or a li"),
+        ("loss.tasks.expr.alpha=some", "loss.tasks.expr.alpha: expected 'auto' | 'none' or list[float], got 'some'"),
+        ("loss.tasks.au.gamma=-1", "loss.tasks.au.gamma: expected a value >= 0, got -1"),
+        ("loss.tasks.expr.alhpa=none", "'loss.tasks.expr.alhpa'; did you mean alpha? (valid keys in loss.tasks.expr"),
+        ("loss.tasks.exr.alpha=none", "'loss.tasks.exr'; did you mean expr? (valid keys in loss.tasks: au, expr, va)"),
+        ("loss.tasks.va.alpha=none", "unknown config key 'loss.tasks.va.alpha' (loss.tasks.va takes no keys)"),
         ("train.zero_stage", "expected key.sub=value"),
         ("model.temporal=3", "model.temporal: expected a mapping"),
     ],
@@ -132,6 +138,45 @@ def test_loss_weights_map_task_names(tmp_path: Path) -> None:
         load_config(None, ["loss.weights.va=x"])
 
 
+def test_loss_options_belong_to_their_task() -> None:
+    cfg = load_config(None, ["loss.tasks.expr.alpha=none", "loss.tasks.au.gamma=0.5"])
+    assert cfg.loss.tasks["expr"].alpha == "none" and cfg.loss.tasks["expr"].gamma == 2.0  # the task's default
+    assert cfg.loss.tasks["au"].gamma == 0.5 and cfg.loss.tasks["au"].alpha == "auto"
+    assert set(type(cfg.loss).model_fields) == {"weights", "tasks"}, "no loss setting belongs to one task"
+    assert replace(cfg.loss, weights={"va": 2.0}).tasks == cfg.loss.tasks
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("loss.expr_alpha=none", "'loss.expr_alpha' is now loss.tasks.expr.alpha"),
+        ("loss.au_alpha=none", "'loss.au_alpha' is now loss.tasks.au.alpha"),
+        ("loss.focal_gamma=1", "'loss.focal_gamma' is now loss.tasks.expr.gamma, loss.tasks.au.gamma"),
+    ],
+)
+def test_a_users_old_loss_key_is_refused_naming_the_new_one(tmp_path: Path, old: str, new: str) -> None:
+    with pytest.raises(ConfigError, match=f"^command line: config key {new}"):
+        load_config(None, [old])
+    key, value = old.split("=")
+    f = tmp_path / "old.yaml"
+    f.write_text(f"loss:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=f"^{f}: config key {new}"):
+        load_config(f)
+
+
+def test_a_saved_config_of_an_older_release_reads_its_loss_keys_where_they_live_now() -> None:
+    old = {"loss": {"weights": {"va": 2.0}, "focal_gamma": 1.5, "expr_alpha": list(range(1, 9)), "au_alpha": "none"}}
+    cfg = from_dict(old)
+    assert cfg.loss.weights["va"] == 2.0
+    assert cfg.loss.tasks["expr"].gamma == 1.5 and cfg.loss.tasks["expr"].alpha == list(range(1, 9))
+    assert cfg.loss.tasks["au"].gamma == 1.5 and cfg.loss.tasks["au"].alpha == "none"
+    assert "focal_gamma" in old["loss"], "the caller's dict is left as it was"
+    both = from_dict({"loss": {"focal_gamma": 1.5, "tasks": {"au": {"gamma": 3}}}})
+    assert both.loss.tasks["au"].gamma == 3.0 and both.loss.tasks["expr"].gamma == 1.5  # the new place wins
+    with pytest.raises(ConfigError, match="loss.tasks.expr.alpha: expected 'auto', 'none' or a list of 8"):
+        from_dict({"loss": {"expr_alpha": [1, 2]}})  # moved, then checked like any value
+
+
 def test_replace_copies_a_section_with_changes_validated() -> None:
     cfg = from_dict({})
     out = replace(cfg, train=replace(cfg.train, max_steps=5))
@@ -141,13 +186,13 @@ def test_replace_copies_a_section_with_changes_validated() -> None:
 
 
 def test_round_trip_and_flatten(tmp_path: Path) -> None:
-    cfg = load_config(None, ["loss.au_alpha=[1,1,1,1,1,1,1,1,1,1,1,2]", "data.mean=[0.5, 0.5, 0.5]"])
+    cfg = load_config(None, ["loss.tasks.au.alpha=[1,1,1,1,1,1,1,1,1,1,1,0.5]", "data.mean=[0.5, 0.5, 0.5]"])
     dump_yaml(cfg, tmp_path / "r.yaml")
     again = from_dict(yaml.safe_load((tmp_path / "r.yaml").read_text()))
     assert to_dict(again) == to_dict(cfg)
     flat = flatten(cfg)
     assert flat["train.zero_stage"] == 2 and flat["model.temporal.heads"] == 8
-    assert flat["loss.au_alpha"][-1] == 2
+    assert flat["loss.tasks.au.alpha"][-1] == 0.5 and flat["loss.tasks.expr.gamma"] == 2.0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

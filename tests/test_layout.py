@@ -155,3 +155,20 @@ def test_submit_checks_the_resume_the_job_would_take(tmp_path: Path) -> None:
         cfg = load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / resume}"], {})
         with pytest.raises(MtlError, match=f"train.resume={tmp_path / resume}: {message}"):
             prepare.check_inputs(cfg)
+
+
+def test_an_export_of_an_older_release_loads_with_its_loss_keys_moved(tmp_path: Path) -> None:
+    """An export whose config has the loss keys of an older release (``loss.expr_alpha``, ``loss.au_alpha``,
+    ``loss.focal_gamma``) still loads for `mtl eval`, its values at their new places (``loss.tasks.<task>.*``)."""
+    cfg = load_config(SMOKE, [])
+    model = build_model(cfg.model, image_size=cfg.data.image_size)
+    old = to_dict(cfg)
+    old["loss"] = {"weights": {"va": 1.0, "expr": 1.0, "au": 2.0}, "focal_gamma": 1.0, "expr_alpha": "none",
+                   "au_alpha": [0.25] * 12}  # fmt: skip
+    run = RunDir(tmp_path / "run")
+    save_weights(model.state_dict(), run.export_file("last"), old)
+    trained = load_model(run.export_file("last"))
+    tasks = trained.cfg.loss.tasks
+    assert trained.cfg.loss.weights["au"] == 2.0
+    assert (tasks["expr"].gamma, tasks["expr"].alpha) == (1.0, "none")
+    assert (tasks["au"].gamma, tasks["au"].alpha) == (1.0, [0.25] * 12)

@@ -153,9 +153,9 @@ def test_auto_alpha_formulas() -> None:
     lst = [0.25] * 12
     pos, neg = au_weights(lst, None)
     assert torch.allclose(pos, torch.full((12,), 0.25)) and torch.allclose(neg, torch.full((12,), 0.75))
-    with pytest.raises(ConfigError, match="loss.au_alpha"):
+    with pytest.raises(ConfigError, match=r"loss\.tasks\.au\.alpha"):
         au_weights([2.0] * 12, None)
-    with pytest.raises(MtlError, match="loss.expr_alpha='auto' needs"):
+    with pytest.raises(MtlError, match=r"loss\.tasks\.expr\.alpha='auto' needs"):
         expr_alpha("auto", None)
     with pytest.raises(MtlError, match="no au labels"):
         au_weights("auto", {"au": {"labeled_frames": 0, "positive_counts": [0] * 12}})
@@ -163,7 +163,8 @@ def test_auto_alpha_formulas() -> None:
 
 def test_multitask_loss_is_the_weighted_masked_sum() -> None:
     outputs, batch = random_case()
-    cfg = from_dict({"loss": {"weights": {"va": 0.5, "expr": 2.0, "au": 3.0}, "focal_gamma": 1.5}}).loss
+    weights = {"va": 0.5, "expr": 2.0, "au": 3.0}
+    cfg = from_dict({"loss": {"weights": weights, "tasks": {"expr": {"gamma": 1.5}, "au": {"gamma": 0.5}}}}).loss
     loss_fn = MultiTaskLoss(cfg, STATS)
     total, parts = loss_fn(outputs, batch)
     assert set(parts) >= {"va", "expr", "au"} and all(not v.requires_grad for v in parts.values())
@@ -180,7 +181,7 @@ def test_multitask_loss_is_the_weighted_masked_sum() -> None:
     assert parts["expr"].item() == pytest.approx(want_e, rel=1e-5)
     a_m = batch["au_valid"].numpy() & ok
     pw, nw = (t.numpy() for t in au_weights("auto", STATS))
-    want_a = np_sigmoid_focal(outputs["au"].detach().numpy()[a_m], batch["au"].numpy()[a_m], 1.5, pw, nw)
+    want_a = np_sigmoid_focal(outputs["au"].detach().numpy()[a_m], batch["au"].numpy()[a_m], 0.5, pw, nw)
     assert parts["au"].item() == pytest.approx(want_a, rel=1e-5)
 
     total.backward()
@@ -193,7 +194,7 @@ def test_multitask_loss_is_the_weighted_masked_sum() -> None:
 
 def test_use_imageless_counts_frames_without_image() -> None:
     outputs, batch = random_case(seed=4)
-    loss_fn = MultiTaskLoss(LossConfig(expr_alpha="none", au_alpha="none"))
+    loss_fn = MultiTaskLoss(LossConfig(tasks={"expr": {"alpha": "none"}, "au": {"alpha": "none"}}))
     _, with_img = loss_fn(outputs, batch)
     _, all_frames = loss_fn(outputs, batch, use_imageless=True)
     assert not torch.isclose(with_img["expr"], all_frames["expr"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import SMOKE, ok, run
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
@@ -24,6 +25,7 @@ from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.synth import SPLIT_FOLDERS, make_synth, plan_videos
 from mtl.errors import ConfigError, DataError
+from mtl.objectives import MultiTaskLoss
 from mtl.tasks import task_names, unregister
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -91,7 +93,7 @@ def test_registered_task_trains_and_evaluates_end_to_end(plugin, tmp_path: Path)
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     env = {"PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
     args = [f"data.shards={shards}", f"train.output_dir={run_dir}", f"tracking.uri=sqlite:///{db}",
-            "tasks.plugins=[facs_intensity]", "loss.weights.auint=2.0",
+            "tasks.plugins=[facs_intensity]", "loss.weights.auint=2.0", "loss.tasks.auint.mse=0.5",
             "train.max_steps=3", "train.eval_every=3"]  # fmt: skip
     proc = ok(run([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args], env=env))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,6 +107,7 @@ def test_registered_task_trains_and_evaluates_end_to_end(plugin, tmp_path: Path)
         mlrun.data.metrics
     )
     assert mlrun.data.metrics["val/auint_frames"] > 0 and mlrun.data.params["tasks.plugins"] == "['facs_intensity']"
+    assert mlrun.data.params["loss.tasks.auint.mse"] == "0.5"  # the plugin's own loss option, logged like any key
     plots = {a.path for a in client.list_artifacts(mlrun.info.run_id, "plots/val/step_00000003")}
     assert "plots/val/step_00000003/auint_scatter.png" in plots
     with safe_open(str(run_dir / "export" / "best.safetensors"), "pt") as f:
@@ -134,3 +137,29 @@ def test_loss_weights_name_registered_tasks(plugin) -> None:
         load_config(None, ["loss.weights.vaa=1"])
     with pytest.raises(ConfigError, match=r"tasks\.plugins\[0\]: cannot import 'no_such_plugin'"):
         load_config(None, ["tasks.plugins=[no_such_plugin]"])
+
+
+def test_a_plugin_task_owns_its_loss_options(plugin) -> None:
+    """``loss.tasks.auint.*`` is the plugin's options model: checked like any config key, used by its loss."""
+    assert load_config(None).loss.tasks["auint"].mse == 0.0  # the plugin's default
+    cfg = load_config(None, ["loss.tasks.auint.mse=0.5", "loss.tasks.expr.alpha=none"])
+    assert cfg.loss.tasks["auint"].mse == 0.5 and cfg.loss.tasks["expr"].alpha == "none"
+    with pytest.raises(ConfigError, match=r"'loss\.tasks\.auint\.mes'; did you mean mse\? \(valid keys in \S+: mse\)"):
+        load_config(None, ["loss.tasks.auint.mes=1"])
+    with pytest.raises(ConfigError, match=r"loss\.tasks\.auint\.mse: expected a value >= 0, got -1"):
+        load_config(None, ["loss.tasks.auint.mse=-1"])
+    with pytest.raises(ConfigError, match=r"valid keys in loss\.tasks: au, auint, expr, va"):
+        load_config(None, ["loss.tasks.auin.mse=1"])
+
+    # its loss: CCC alone by default, plus mse times the squared error in units of the 0..5 scale when set
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.rand(3, 5, 2, generator=g) * 5, torch.rand(3, 5, 2, generator=g) * 5
+    valid = torch.rand(3, 5, generator=g) > 0.3
+    batch = {"auint": target, "auint_valid": valid, "pad": torch.zeros(3, 5, dtype=torch.bool),
+             "has_image": torch.ones(3, 5, dtype=torch.bool)}  # fmt: skip
+    stats = {"auint": {"labeled_frames": 10}}
+    ccc = MultiTaskLoss(load_config(None).loss, stats)({"auint": out}, batch)[1]["auint"]
+    both = MultiTaskLoss(cfg.loss, stats)({"auint": out}, batch)[1]["auint"]
+    m = valid.numpy()
+    want_mse = float((((out.numpy()[m] - target.numpy()[m]) / 5) ** 2).mean())
+    assert both.item() == pytest.approx(ccc.item() + 0.5 * want_mse, rel=1e-5) and want_mse > 0.01

@@ -40,7 +40,6 @@ EXPR = register(
         header_aliases=(EXPR_NAMES[:7],),  # the older release has 7 classes (no "Other"); codes 0..6 mean the same
         prediction="expression",
         invalid=-1,
-        alpha_key="expr_alpha",
     )
 )
 AU = register(
@@ -53,6 +52,5 @@ AU = register(
         mtl_track=("aus",),
         test_lists=("Action_Unit_Detection_Challenge", "AU_Detection_Challenge", "AU"),
         invalid=-1,
-        alpha_key="au_alpha",
     )
 )

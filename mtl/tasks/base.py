@@ -2,8 +2,9 @@
 
 A task is described once, by an instance of one of the kinds in `mtl.tasks.kinds` (regression, single-label or
 multi-label classification): its name (the key of its labels in parsed files, shards, batches, network outputs and
-metric names), its label columns and invalid code, where its annotations live, its submission file and the config
-keys it reads. Everything else in the package iterates over ``tasks()``.
+metric names), its label columns and invalid code, where its annotations live, its submission file and the model
+of its loss options (``loss.tasks.<name>.*``, `mtl.tasks.options`). Everything else in the package iterates over
+``tasks()``.
 
 This module and `mtl.tasks.kinds` import no torch, so the data layer (parsers, pack, manifest) can use them; the
 kinds import their torch parts (`mtl.tasks.losses`, `mtl.tasks.streams`) only when asked for a loss or a metric.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mtl.errors import MtlError
+from mtl.tasks.options import LossOptions
 
 if TYPE_CHECKING:  # torch-side types, for annotations only
     from torch import Tensor, nn
@@ -67,6 +69,7 @@ class Task:
     file_dtype: ClassVar[type] = np.float64  # label values as parsed
     pack_dtype: ClassVar[type] = np.float64  # as held while packing (hashed into the pack plan: keep stable)
     batch_dtype: ClassVar[type] = np.float32  # in samples and batches
+    options_model: ClassVar[type[LossOptions]] = LossOptions  # its ``loss.tasks.<name>`` settings
 
     # ---------------------------------------------------------------------------------------------- shapes
 
@@ -88,6 +91,11 @@ class Task:
     @property
     def valid_key(self) -> str:
         return f"{self.name}_valid"
+
+    @property
+    def options_key(self) -> str:
+        """Where its loss options live in the config (for messages)."""
+        return f"loss.tasks.{self.name}"
 
     def empty(self, n: int, dtype: type | None = None) -> np.ndarray:
         return np.zeros((n, *self.label_shape), dtype or self.file_dtype)
@@ -151,8 +159,14 @@ class Task:
         """The head's output from its linear layer's (e.g. squashed to the label range)."""
         return logits
 
-    def loss(self, cfg: Any, stats: dict[str, Any] | None) -> nn.Module:
-        """``term(output [N,width], target, weight [N]) -> scalar`` from the ``loss`` config section."""
+    def loss_options(self, raw: Any = None) -> LossOptions:
+        """Its ``loss.tasks.<name>`` settings checked against ``options_model`` (its defaults where a key is not
+        set); pydantic's ValidationError where they do not fit, which the config turns into one line naming the key."""
+        return self.options_model.model_validate({} if raw is None else raw, context={"width": self.width})
+
+    def loss(self, options: LossOptions, stats: dict[str, Any] | None) -> nn.Module:
+        """``term(output [N,width], target, weight [N]) -> scalar`` from its options (an ``options_model``) and the
+        training split's stats from the manifest."""
         raise NotImplementedError
 
     def stream(self, **kw: Any) -> TaskStream:

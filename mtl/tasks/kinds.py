@@ -4,7 +4,10 @@
 - ``SingleLabel``: one class per frame (EXPR); softmax focal loss; macro F1 over the classes.
 - ``MultiLabel``: several 0/1 units per frame (AU); sigmoid focal loss; macro F1 at 0.5 and with tuned thresholds.
 
-A task is an instance of one of them; override ``parse_row`` (and ``format_row``) when its files read otherwise.
+Each kind's loss reads the options model it names (`mtl.tasks.options`: CCC takes none, the focal losses a
+``gamma`` and class or unit weights ``alpha``), set per task as ``loss.tasks.<name>.*``.
+A task is an instance of one of them; override ``parse_row`` (and ``format_row``) when its files read otherwise,
+and ``options_model`` with ``loss`` when its loss takes other options.
 The torch parts (``loss``, ``stream``) import `mtl.tasks.losses` / `mtl.tasks.streams` only when called.
 """
 
@@ -17,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mtl.tasks.base import BadRow, Task, integer, number
+from mtl.tasks.options import LossOptions, SigmoidFocalOptions, SoftmaxFocalOptions
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class Regression(Task):
             return logits.tanh()
         return self.low + (self.high - self.low) * logits.sigmoid()
 
-    def loss(self, cfg: Any, stats: dict[str, Any] | None):
+    def loss(self, options: LossOptions, stats: dict[str, Any] | None):
         from mtl.tasks.losses import CCCTerm
 
         return CCCTerm(self.width)
@@ -84,9 +88,9 @@ class SingleLabel(Task):
 
     prediction: str = "class"  # its column in predictions files ("expression")
     invalid: int = -1
-    alpha_key: str | None = None  # the ``loss`` config attribute with its class weights ('auto', 'none', a list)
 
     kind: ClassVar[str] = "single_label"
+    options_model: ClassVar[type[LossOptions]] = SoftmaxFocalOptions
     file_dtype: ClassVar[type] = np.int64
     pack_dtype: ClassVar[type] = np.int8
     batch_dtype: ClassVar[type] = np.int64
@@ -138,11 +142,10 @@ class SingleLabel(Task):
     def headline(self) -> str:
         return f"{self.name}_f1"
 
-    def loss(self, cfg: Any, stats: dict[str, Any] | None):
+    def loss(self, options: SoftmaxFocalOptions, stats: dict[str, Any] | None):
         from mtl.tasks.losses import SoftmaxFocalTerm, class_alpha
 
-        spec = getattr(cfg, self.alpha_key) if self.alpha_key else "none"
-        return SoftmaxFocalTerm(self.width, cfg.focal_gamma, class_alpha(spec, stats, self))
+        return SoftmaxFocalTerm(self.width, options.gamma, class_alpha(options.alpha, stats, self))
 
     def stream(self, **kw: Any):
         from mtl.tasks.streams import ClassStream
@@ -155,9 +158,9 @@ class MultiLabel(Task):
     """0/1 per unit (``columns`` are the unit names); ``invalid`` in any unit leaves the frame without a label."""
 
     invalid: int = -1
-    alpha_key: str | None = None  # the ``loss`` config attribute with positive weights ('auto', 'none', a list)
 
     kind: ClassVar[str] = "multi_label"
+    options_model: ClassVar[type[LossOptions]] = SigmoidFocalOptions
     file_dtype: ClassVar[type] = np.int64
     pack_dtype: ClassVar[type] = np.int8
     batch_dtype: ClassVar[type] = np.float32
@@ -204,11 +207,10 @@ class MultiLabel(Task):
     def headline(self) -> str:
         return f"{self.name}_f1"
 
-    def loss(self, cfg: Any, stats: dict[str, Any] | None):
+    def loss(self, options: SigmoidFocalOptions, stats: dict[str, Any] | None):
         from mtl.tasks.losses import SigmoidFocalTerm, pos_neg_weights
 
-        spec = getattr(cfg, self.alpha_key) if self.alpha_key else "none"
-        return SigmoidFocalTerm(self.width, cfg.focal_gamma, pos_neg_weights(spec, stats, self))
+        return SigmoidFocalTerm(self.width, options.gamma, pos_neg_weights(options.alpha, stats, self))
 
     def stream(self, **kw: Any):
         from mtl.tasks.streams import MultiLabelStream

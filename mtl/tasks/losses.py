@@ -4,7 +4,8 @@ Every term is masked by label validity through weights (no boolean indexing), so
 a task yields a term of exactly 0.0 with zero gradients instead of NaN, and nothing waits on the GPU to learn how
 many frames are valid.
 
-Class weights ("auto", from the training split's counts in the manifest) follow the balanced formula
+Class weights (a task's ``loss.tasks.<name>.alpha``, checked by its options model in `mtl.tasks.options`; "auto":
+from the training split's counts in the manifest) follow the balanced formula
 (scikit-learn's ``class_weight="balanced"``), so the average weight per labelled frame is 1 and the loss scale
 stays that of the unweighted loss:
 
@@ -86,10 +87,10 @@ def sigmoid_focal_loss(
 
 
 def class_alpha(spec: str | list[float], stats: dict[str, Any] | None, task: Task) -> torch.Tensor | None:
-    """Per-class alpha [K] of a single-label task from its config value and the training split's stats."""
+    """Per-class alpha [K] of a single-label task from its ``alpha`` option and the training split's stats."""
     if spec == "none":
         return None
-    key = f"loss.{getattr(task, 'alpha_key', None)}"
+    key = f"{task.options_key}.alpha"
     k = task.width
     if isinstance(spec, list):
         return _as_vector(spec, k, key)
@@ -105,10 +106,10 @@ def class_alpha(spec: str | list[float], stats: dict[str, Any] | None, task: Tas
 def pos_neg_weights(
     spec: str | list[float], stats: dict[str, Any] | None, task: Task
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(positive, negative) weights [J] of a multi-label task from its config value and the training stats."""
+    """(positive, negative) weights [J] of a multi-label task from its ``alpha`` option and the training stats."""
     if spec == "none":
         return None
-    key = f"loss.{getattr(task, 'alpha_key', None)}"
+    key = f"{task.options_key}.alpha"
     j = task.width
     if isinstance(spec, list):
         a = _as_vector(spec, j, key)
