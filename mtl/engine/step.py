@@ -64,7 +64,7 @@ def build_engine(
     zero_stage, precision = resolve_zero_stage(cfg), resolve_precision(cfg)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    ds_config = build_ds_config(cfg, world_size, zero_stage, precision)
+    ds_config = build_ds_config(cfg, world_size, zero_stage, precision, sum(p.numel() for p in model.parameters()))
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
 

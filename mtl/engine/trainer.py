@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def _warn(msg: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.env: DistEnv = init_distributed()
+        self.env: DistEnv = init_distributed(timedelta(minutes=cfg.train.dist_timeout_min))
         _seed_everything(cfg.train.seed + self.env.rank)
         self.run_dir = RunDir(Path(cfg.train.output_dir).resolve())
         self.out = self.run_dir.root
