@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mtl.config import load_config
-from mtl.engine.ds_config import MAX_BUCKET, MIN_BUCKET, build_ds_config, bucket_elements
+from mtl.engine.ds_config import MAX_BUCKET, MIN_BUCKET, bucket_elements, build_ds_config
 from mtl.errors import ConfigError
 
 VIT_B = 86_000_000

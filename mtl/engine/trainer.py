@@ -26,13 +26,14 @@ from tqdm import tqdm
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
 from mtl.data.loader import Leg
 from mtl.data.manifest import read_manifest
+from mtl.data.prefetch import prefetch
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.preemption import StopFlag
 from mtl.engine.step import build_engine
 from mtl.errors import MtlError
-from mtl.evaluation.evaluate import evaluate, to_device
+from mtl.evaluation.evaluate import evaluate
 from mtl.objectives import MultiTaskLoss
 from mtl.runs.export import consolidate, save_weights
 from mtl.runs.inputs import DataSource
@@ -240,7 +241,6 @@ class Trainer:
     def _micro_step(self, batch: dict) -> bool:
         """Forward, backward and DeepSpeed's step on one micro-batch; True when an optimizer step was taken."""
         self.state.micro_in_epoch += 1
-        batch = to_device(batch, self.env.device)
         done = self.engine.forward_backward(self.loss_fn, batch)
         if done is None:
             self._skip_bad_batch()
@@ -283,7 +283,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Scores on the validation split (every rank takes part), logged with their plots."""
-        loader = self.source.eval_loader(self.cfg.data.val_split, rank=self.env.rank, world_size=self.env.world_size)
+        loader = self.source.eval_loader(self.cfg.data.val_split, rank=self.env.rank, world_size=self.env.world_size,
+                                         device=self.env.device)  # fmt: skip
         self.engine.ds.eval()
         metrics, _ = evaluate(self.engine.forward, loader, self.env.device, progress=self._show_progress,
                               desc="validate")  # fmt: skip
@@ -330,7 +331,7 @@ class Trainer:
         """Micro-batches until train.max_steps ("completed") or until any rank is told to stop ("preempted")."""
         c = self.cfg.train
         while self.state.step < c.max_steps:
-            for batch in self._epoch():
+            for batch in prefetch(self._epoch(), self.env.device):  # on the GPU one batch ahead
                 if not self._micro_step(batch):
                     continue  # inside a gradient accumulation, or a skipped non-finite batch
                 step = self.state.step
@@ -365,6 +366,7 @@ class Trainer:
         finally:
             self.bar.close()
             self.stop.uninstall()
+            self.source.close()
         self.tracker.end("KILLED" if status == "preempted" else "FINISHED")
         return TrainResult(status, self.state.step, self.tracker.run_id, str(self.out), self.last_scores)
 
