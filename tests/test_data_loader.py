@@ -277,7 +277,8 @@ def test_frames_leave_as_uint8_and_the_network_input_is_the_float_path_on_the_de
 
     seen = []
 
-    def net(x, has_image, pad):
+    def net(x, has_image, pad, image_index):
+        assert torch.equal(image_index, (has_image & ~pad).reshape(-1).nonzero().squeeze(1))
         seen.append(x)
         return {"va": x.new_zeros(*pad.shape, 2)}
 

@@ -11,9 +11,9 @@ webdataset provides the tar grouping and the shuffle buffer.
 
 Batch contract (see the project notes): frames uint8 [B,T,3,H,W] (channels-last in memory) with ``gain``/``bias``
 f32 [B,T,3] that normalise them (``frames_float``: gain * frames + bias; `mtl.runs.model_io.forward` applies it on
-the device), has_image/pad bool [B,T], and per registered task
-its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12]) and ``<task>_valid`` bool [B,T];
-training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
+the device), has_image/pad bool [B,T], ``image_index`` i64 [n] (the flat indices in B*T of the frames with an
+image), and per registered task its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12])
+and ``<task>_valid`` bool [B,T]; training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
 index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
 
 Workers write uint8 pixels into a shared-memory ring of batch buffers (``PixelRing``, made once per loader and reused)
@@ -259,8 +259,11 @@ def finish_batch(batch: dict, ring: PixelRing, pin: bool = False) -> dict:
     """Consumer side: numpy fields -> tensors, ``frames`` <- a uint8 copy of the batch's ring slot (channels-last
     as in the ring, so a plain memcpy), in pinned memory when ``pin`` (all tensors then are, for asynchronous
     copies to the GPU); then the slot is released for its worker's next batch. The frames are normalised later,
-    on the device (`frames_float`)."""
+    on the device (`frames_float`). ``image_index``: the flat indices of the frames with an image, found here so
+    that the network need not ask the GPU how many there are (a host sync)."""
+    images = np.flatnonzero((batch["has_image"] & ~batch["pad"]).reshape(-1))
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    out["image_index"] = torch.from_numpy(images)
     row, slot = out.pop("slot")
     try:
         pixels = ring.get(row, slot)[: len(out["gain"])]
@@ -400,8 +403,16 @@ class TrainStream(IterableDataset):
         self.batch_shape = (self.batch_size, data_cfg.clip_len, 3, data_cfg.image_size, data_cfg.image_size)
         self.ring: PixelRing | None = None  # set by the loader, before its workers start
         self.spec = torch.zeros(self.SPEC_BYTES, dtype=torch.uint8).share_memory_()
-        self.planned: tuple | None = None
+        self._spec = self.spec.numpy()
+        self.planned: bytes | None = None
         self.set_pass(epoch, skip_batches, legs)
+
+    def __getstate__(self) -> dict:  # a spawned worker gets the shared tensor, and rebuilds the numpy view
+        return {k: v for k, v in self.__dict__.items() if k != "_spec"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._spec = self.spec.numpy()
 
     def set_pass(self, epoch: int, skip_batches: int = 0, legs: tuple[Leg, ...] | list[Leg] = ()) -> None:
         """The next pass reads ``epoch`` from rank batch ``skip_batches`` on, after the finished ``legs``."""
@@ -410,13 +421,13 @@ class TrainStream(IterableDataset):
         if len(data) > self.SPEC_BYTES:
             raise DataError(f"{len(legs)} legs in one epoch: more than the loader can carry; finish the epoch on "
                             f"one set-up")  # fmt: skip
-        self.spec.zero_()
-        self.spec[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._spec[:] = 0
+        self._spec[: len(data)] = np.frombuffer(data, np.uint8)
         self._plan()
 
     def _plan(self) -> None:
         """This process's plan of the pass in ``spec``, unless it already has it."""
-        raw = bytes(self.spec.numpy()).rstrip(b"\0")
+        raw = self._spec.tobytes().rstrip(b"\0")
         if raw == self.planned:
             return
         epoch, skip, legs = json.loads(raw)

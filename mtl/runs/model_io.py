@@ -31,6 +31,8 @@ def network_input(batch: dict) -> torch.Tensor:
 
 def forward(module: Any, batch: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The network (or the DeepSpeed engine around it) on one batch: frames (normalised here) or cached
-    ``features`` in the compute dtype, outputs in fp32 for the losses and metrics."""
-    out = module(network_input(batch).to(dtype), batch["has_image"], batch["pad"])
+    ``features`` in the compute dtype, outputs in fp32 for the losses and metrics. The loaders' ``image_index``
+    goes along, so the network runs without a host sync."""
+    extra = {"image_index": batch["image_index"]} if "image_index" in batch and "features" not in batch else {}
+    out = module(network_input(batch).to(dtype), batch["has_image"], batch["pad"], **extra)
     return {k: v.float() for k, v in out.items()}
