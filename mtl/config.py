@@ -179,7 +179,7 @@ class TrainConfig(_Section):
     eval_every: Int = Field(1000, ge=1)
     ckpt_every: Int = Field(500, ge=1)
     keep_last: Int = Field(2, ge=1)
-    log_every: Int = Field(10, ge=1)
+    log_every: Int = Field(10, ge=1)  # also when a stop signal (preemption) and non-finite losses are checked
     resume: Str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: Int = Field(20, ge=1)  # consecutive non-finite losses before the run stops
     seed: Int = 0
