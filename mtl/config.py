@@ -155,17 +155,30 @@ class OptimConfig(_Section):
     min_lr_ratio: Float = Field(0.01, ge=0, le=1)  # cosine ends at lr * this
 
 
+class ZeroConfig(_Section):
+    """How DeepSpeed's ZeRO overlaps its communication with backward (``train.zero``); sizes in elements, None:
+    scaled to the model (see `mtl.engine.ds_config.bucket_elements`)."""
+
+    overlap_comm: Bool = True  # reduce gradients on a side stream while backward runs
+    contiguous_gradients: Bool = True  # copy gradients into one buffer as they are made (less fragmentation)
+    reduce_bucket_size: Int | None = Field(None, ge=1)
+    allgather_bucket_size: Int | None = Field(None, ge=1)  # ZeRO-1/2: the all-gather of updated parameters
+    prefetch_bucket_size: Int | None = Field(None, ge=1)  # ZeRO-3: parameters gathered ahead of their use
+
+
 class TrainConfig(_Section):
     output_dir: Str = "runs/default"
     max_steps: Int = Field(10_000, ge=1)  # optimizer steps
     grad_accum: Int = Field(1, ge=1)
     grad_clip: Float = Field(1.0, ge=0)
     zero_stage: Int = Field(2, ge=0, le=3)
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    dist_timeout_min: Float = Field(30.0, gt=0)  # a collective waiting longer than this fails the run
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     eval_every: Int = Field(1000, ge=1)
     ckpt_every: Int = Field(500, ge=1)
     keep_last: Int = Field(2, ge=1)
-    log_every: Int = Field(10, ge=1)
+    log_every: Int = Field(10, ge=1)  # also when a stop signal (preemption) and non-finite losses are checked
     resume: Str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: Int = Field(20, ge=1)  # consecutive non-finite losses before the run stops
     seed: Int = 0

@@ -16,7 +16,7 @@ from mtl.config import DataConfig, replace
 from mtl.data.abaw import parse_abaw
 from mtl.data.labels import ParseLog
 from mtl.data.legs import Leg
-from mtl.data.loader import make_eval_loader, make_train_loader
+from mtl.data.loader import frames_float, make_eval_loader, make_train_loader
 from mtl.data.manifest import read_manifest
 from mtl.data.pack import PackOptions, pack
 from mtl.data.shardio import parse_sample, read_raw
@@ -25,7 +25,8 @@ from mtl.errors import DataError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 FIELDS = {
-    "frames": torch.float32, "has_image": torch.bool, "pad": torch.bool, "va": torch.float32,
+    "frames": torch.uint8, "gain": torch.float32, "bias": torch.float32, "has_image": torch.bool,
+    "pad": torch.bool, "va": torch.float32,
     "va_valid": torch.bool, "expr": torch.int64, "expr_valid": torch.bool, "au": torch.float32,
     "au_valid": torch.bool, "frame": torch.int64,
 }  # fmt: skip
@@ -95,7 +96,7 @@ def test_train_batches_follow_the_contract(data):
     for batch in batches:
         videos = [data["samples"][int(i)][1] for i in batch["sample"]]
         check_batch(data, batch, "train", videos, cfg.batch_size, cfg.clip_len)
-        assert batch["frames"][batch["has_image"]].abs().sum() > 0
+        assert batch["frames"][batch["has_image"]].sum() > 0
 
 
 def test_one_random_augmentation_per_clip(data):
@@ -106,7 +107,7 @@ def test_one_random_augmentation_per_clip(data):
     for epoch in range(3):
         for batch in make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=epoch, seed=1):
             if data["samples"][int(batch["sample"][0])][1] == "vidS":
-                x = batch["frames"][0][batch["has_image"][0]]
+                x = frames_float(batch["frames"], batch["gain"], batch["bias"])[0][batch["has_image"][0]]
                 assert len(x) == 4 and all(torch.equal(x[0], x[i]) for i in range(4))
                 clips.append(x[0])
     assert len(clips) == 15  # 5 segments of vidS x 3 epochs
@@ -144,6 +145,7 @@ def test_skip_batches_resumes_exactly_where_the_epoch_stopped(data):
         assert len(tail) == len(full) and tail.remaining == len(full) - skip == len(rest)
         for a, b in zip(full[skip:], rest):
             assert torch.equal(a["sample"], b["sample"]) and torch.equal(a["frames"], b["frames"])
+            assert torch.equal(a["gain"], b["gain"]) and torch.equal(a["bias"], b["bias"])
     assert list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=2, epoch=0, seed=0,
                                   skip_batches=10_000)) == []  # fmt: skip
 
@@ -185,7 +187,8 @@ def test_worker_count_does_not_change_what_a_rank_sees(data):
         cfg = cfg_for(data, num_workers=workers, batch_size=1)
         batches = list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=1, seed=0))
         assert len(batches) == 12
-        seen.append(sorted(((int(b["sample"][0]), b["frames"]) for b in batches), key=lambda x: x[0]))
+        seen.append(sorted(((int(b["sample"][0]), frames_float(b["frames"], b["gain"], b["bias"])) for b in batches),
+                           key=lambda x: x[0]))  # fmt: skip
     for other in seen[1:]:
         assert [i for i, _ in other] == [i for i, _ in seen[0]]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(other, seen[0]))
@@ -228,7 +231,8 @@ def test_eval_frames_are_the_decoded_images_normalised(data):
         want = (torch.from_numpy(img).permute(2, 0, 1) / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(
             STD
         ).view(3, 1, 1)
-        assert torch.allclose(batch["frames"][0, t], want, atol=2 / 255 / min(STD))
+        got = frames_float(batch["frames"], batch["gain"], batch["bias"])[0, t]
+        assert torch.allclose(got, want, atol=2 / 255 / min(STD))
 
 
 def test_eval_pads_short_ranks_with_empty_batches(data):
@@ -256,3 +260,68 @@ def test_decode_clip_brings_a_frame_of_another_size_to_the_clips_first():
     assert torch.equal(x[0], pil[0]) and torch.equal(x[2], pil[2])
     want = TF.resize(pil[1], [16, 16], antialias=True)
     assert (x[1].int() - want.int()).abs().max() <= 1
+
+
+def test_frames_leave_as_uint8_and_the_network_input_is_the_float_path_on_the_device(data):
+    """The loader hands over uint8 frames (pinned where CUDA is, for asynchronous copies) and their gain/bias; the
+    one normalise step (`model_io.forward`, on the device) gives the network what the former float path made on the
+    CPU: gain * pixels + bias in float32."""
+    from mtl.data.prefetch import prefetch
+    from mtl.runs.model_io import forward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = cfg_for(data, num_workers=1)
+    host = list(make_train_loader(cfg, mean=MEAN, std=STD, rank=0, world_size=1, epoch=0, seed=0))
+    assert host and all(b["frames"].dtype == torch.uint8 for b in host)
+    assert all(b["frames"].is_pinned() == torch.cuda.is_available() for b in host)
+    assert all(b["has_image"].is_pinned() == torch.cuda.is_available() for b in host)
+
+    seen = []
+
+    def net(x, has_image, pad, image_index):
+        assert torch.equal(image_index, (has_image & ~pad).reshape(-1).nonzero().squeeze(1))
+        seen.append(x)
+        return {"va": x.new_zeros(*pad.shape, 2)}
+
+    for batch in prefetch(host, device):
+        assert batch["frames"].device.type == device.type and batch["frames"].dtype == torch.uint8
+        forward(net, batch)
+    for batch, x in zip(host, seen, strict=True):
+        old = batch["frames"].float() * batch["gain"][..., None, None] + batch["bias"][..., None, None]
+        assert x.device.type == device.type and x.dtype == torch.float32 and x.shape == old.shape
+        assert torch.allclose(x.cpu(), old, rtol=0, atol=1e-6)
+        assert (x[batch["has_image"].to(device)].abs().sum() > 0) and (x[~batch["has_image"].to(device)] == 0).all()
+
+
+def test_workers_persist_across_epochs(data):
+    """One loader, several epochs: the same worker processes serve every pass (no fork, no new ring), and each
+    epoch (with a resume point and legs set by ``set_epoch``) yields what a fresh loader of that epoch does, also
+    after a pass abandoned midway (its unread batches' ring slots are reclaimed)."""
+    import multiprocessing
+
+    cfg = cfg_for(data, batch_size=1, num_workers=2)
+    kw = dict(mean=MEAN, std=STD, rank=0, world_size=1, seed=2)
+
+    def fresh(epoch, skip=0, legs=()):
+        return [(b["sample"], b["frames"]) for b in make_train_loader(cfg, epoch=epoch, skip_batches=skip, legs=legs,
+                                                                      **kw)]  # fmt: skip
+
+    def same(got, want):
+        return len(got) == len(want) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                             for a, b in zip(got, want))  # fmt: skip
+
+    loader = make_train_loader(cfg, epoch=0, **kw)
+    before = {p.pid for p in multiprocessing.active_children()}
+    pids = []
+    legs = [Leg(world_size=2, batch_size=1, workers=2, shuffle_buffer=4, batches=2)]
+    for epoch, skip, legs_, abandon in ((0, 0, (), False), (1, 0, (), True), (1, 3, (), False), (2, 1, legs, False)):
+        loader.set_epoch(epoch, skip, legs_)
+        if abandon:
+            next(iter(loader))  # read one batch and walk away: the workers have more in flight
+        else:
+            got = [(b["sample"], b["frames"]) for b in loader]
+            assert same(got, fresh(epoch, skip, legs_)), (epoch, skip, legs_)
+        pids.append({p.pid for p in multiprocessing.active_children()} - before)
+    assert len(pids[0]) == 2 and all(p == pids[0] for p in pids), pids
+    loader.close()
+    assert not ({p.pid for p in multiprocessing.active_children()} & pids[0])

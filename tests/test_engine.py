@@ -171,3 +171,21 @@ def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
     client, runs = _runs(tmp_path / "demo" / "mlflow.db", "mtl-demo")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
+
+
+def test_no_host_sync_between_log_steps(tiny_shards: Path, tmp_path: Path) -> None:
+    """Between log lines the host never waits for the device: on the steps that do not log, code under mtl/ calls
+    none of Tensor.item/__bool__/tolist/cpu/numpy or nonzero (2 ranks; counted by a TorchFunctionMode). The log
+    steps do (the metrics, the skip count, the agreed stop flag), which shows the counter sees them."""
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    # 4 batches an epoch per rank: a new epoch (the loader's next pass) starts within step 4, not a log step
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=8", "train.log_every=3", "train.eval_every=6",
+                           "train.ckpt_every=3", "data.num_workers=1")  # fmt: skip
+    proc = ok(torchrun(2, [str(DRIVER), "host_syncs", str(SMOKE), *args]))
+    counts = {(r, int(step)): (int(n), names) for _, r, step, n, names in _lines(proc.stdout, "SYNCS")}
+    assert sorted(counts) == [(r, s) for r in ("0", "1") for s in range(1, 9)], sorted(counts)
+    for (rank, step), (n, names) in counts.items():
+        if step % 3 and step != 8:
+            assert n == 0, f"rank {rank} step {step} (not a log step) waited for the device: {names}"
+        else:
+            assert n > 0, f"rank {rank} step {step}: the log step's reads were not counted"

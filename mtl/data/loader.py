@@ -9,25 +9,29 @@ concatenated), cut at sample granularity into equal contiguous pieces: one per r
 worker still streams its shards front to back (a piece has at most two partial shards, entered by seeking), and
 webdataset provides the tar grouping and the shuffle buffer.
 
-Batch contract: frames f32 [B,T,3,H,W], has_image/pad bool [B,T], and per registered task
-its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12]) and ``<task>_valid`` bool [B,T];
-training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
+Batch contract (see the project notes): frames uint8 [B,T,3,H,W] (channels-last in memory) with ``gain``/``bias``
+f32 [B,T,3] that normalise them (``frames_float``: gain * frames + bias; `mtl.runs.model_io.forward` applies it on
+the device), has_image/pad bool [B,T], ``image_index`` i64 [n] (the flat indices in B*T of the frames with an
+image), and per registered task its labels [B,T,*label_shape] (va f32 [B,T,2], expr i64 [B,T], au f32 [B,T,12])
+and ``<task>_valid`` bool [B,T]; training adds ``frame`` i64 [B,T] and ``sample`` i64 [B] (the sample's
 index in the split, for checks); evaluation adds ``video`` list[str] and ``frame`` i64 [B,T] (0 at padding).
 
-Workers write uint8 pixels into a shared-memory ring of batch buffers (``PixelRing``, made once per pass and reused)
-and send the slot with a per-frame affine map; the float ``frames`` are made where the batch is consumed
-(``finish_batch``, which then frees the slot), on the GPU when the loader is given a ``device``: a quarter of the
-bytes over PCIe, and one multiply-add instead of the workers' float passes.
+Workers write uint8 pixels into a shared-memory ring of batch buffers (``PixelRing``, made once per loader and reused)
+and send the slot with a per-frame affine map. The main process copies the slot's pixels out (into pinned memory
+when CUDA is there, so the copy to the GPU is asynchronous) and frees the slot (``finish_batch``); the float frames
+are made on the device the network runs on: a quarter of the bytes over PCIe, and one multiply-add on the GPU
+instead of float passes on the CPU.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
+import json
 import math
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mtl.allocator import keep_freed_memory
 from mtl.data.legs import Leg, share, shuffle_seed, shuffled, train_batches_per_epoch, unread
 from mtl.data.manifest import read_manifest
+from mtl.data.prefetch import prefetch
 from mtl.data.ring import PixelRing
 from mtl.data.seeds import derive_seed
 from mtl.data.shardio import Sample, ShardReader, check_size, parse_sample, read_raw
@@ -182,26 +187,39 @@ def put_labels(arrays: dict[str, np.ndarray], k: int, s: Sample, a: int, b: int)
         arrays[key][k, :n] = v[a:b]
 
 
-def finish_batch(batch: dict, ring: PixelRing, device: torch.device | None = None) -> dict:
-    """Consumer side: numpy fields -> tensors, and ``frames`` = gain * pixels + bias in float32 from the batch's
-    ring slot, computed on ``device`` when given (the uint8 pixels travel there, a quarter of the bytes); then the
-    slot is released for its worker's next batch."""
+def finish_batch(batch: dict, ring: PixelRing, pin: bool = False) -> dict:
+    """Consumer side: numpy fields -> tensors, ``frames`` <- a uint8 copy of the batch's ring slot (channels-last
+    as in the ring, so a plain memcpy), in pinned memory when ``pin`` (all tensors then are, for asynchronous
+    copies to the GPU); then the slot is released for its worker's next batch. The frames are normalised later,
+    on the device (`frames_float`). ``image_index``: the flat indices of the frames with an image, found here so
+    that the network need not ask the GPU how many there are (a host sync)."""
+    images = np.flatnonzero((batch["has_image"] & ~batch["pad"]).reshape(-1))
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-    (row, slot), gain, bias = out.pop("slot"), out.pop("gain"), out.pop("bias")
+    out["image_index"] = torch.from_numpy(images)
+    row, slot = out.pop("slot")
     try:
-        pixels = ring.get(row, slot)[: len(gain)]
-        if device is not None:
-            out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-            gain, bias = (t.to(device, non_blocking=True) for t in (gain, bias))
-            pixels = pixels.to(device)  # blocking: the slot is reused once released
-        return {"frames": ClipTransform.finish(pixels, gain, bias), **out}
+        pixels = ring.get(row, slot)[: len(out["gain"])]
+        frames = torch.empty_strided(pixels.shape, pixels.stride(), dtype=torch.uint8, pin_memory=pin)
+        frames.copy_(pixels)
     finally:
         ring.release(row, slot)
+    if pin:
+        out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return {"frames": frames, **out}
 
 
-def _device(device: str | torch.device | None) -> torch.device | None:
+def frames_float(frames: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A batch's normalised float32 frames from its uint8 ``frames`` and per-frame ``gain``/``bias``, computed where
+    ``frames`` is (gain and bias follow it)."""
+    return ClipTransform.finish(frames, gain.to(frames.device), bias.to(frames.device))
+
+
+def _placement(device: str | torch.device | None) -> tuple[torch.device | None, bool]:
+    """(device the loader delivers to, None for the host; whether host batches are pinned): pinned for a CUDA
+    device, and with no device whenever CUDA is there (the consumer will copy them to it)."""
     device = torch.device(device) if device is not None else None
-    return None if device is None or device.type == "cpu" else device
+    pin = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return (None if device is None or device.type == "cpu" else device), pin
 
 
 def _identity(x):
@@ -212,7 +230,7 @@ PREFETCH = 2  # batches each worker has ready ahead (the DataLoader's default); 
 
 
 def _ring(stream: TrainStream | EvalStream, workers: int) -> PixelRing:
-    """A fresh ring for one pass of ``stream``, made before its workers fork so that they share it."""
+    """A ring for ``stream``'s passes, made before its workers fork so that they share it."""
     stream.ring = PixelRing(max(1, workers), PREFETCH + 1, stream.batch_shape)
     return stream.ring
 
@@ -223,15 +241,20 @@ def _row() -> int:
     return info.id if info is not None else 0
 
 
-def _dataloader(stream: IterableDataset, workers: int, seed: int) -> Iterator[dict]:
-    """Streams yield whole batches (no collation). No pinned memory: the pixels stay in the ring, and the labels are
-    a few numpy arrays. The DataLoader's own generator, seeded here: by default each pass draws its workers' base
-    seed from torch's global RNG, so a run resumed mid-epoch (one pass more) would train on a shifted dropout and
-    masking stream. An MtlError in a worker arrives as itself, with its one-line message (the DataLoader would wrap
-    the worker's whole traceback into it)."""
+def _make_dataloader(stream: IterableDataset, workers: int, seed: int, persistent: bool = False) -> DataLoader:
+    """Streams yield whole batches (no collation). The DataLoader does not pin: the pixels stay in the ring until
+    ``finish_batch`` copies them out. The DataLoader's own generator, seeded here: by default it draws its workers'
+    base seed from torch's global RNG, so a run resumed mid-epoch would train on a shifted dropout and masking
+    stream. ``persistent``: the workers (and the ring) serve every later pass too."""
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers, generator=generator,
-                        prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init)  # fmt: skip
+    return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers, generator=generator,
+                      prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_init,
+                      persistent_workers=persistent and workers > 0)  # fmt: skip
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """One pass of ``loader``. An MtlError in a worker arrives as itself, with its one-line message (the
+    DataLoader would wrap the worker's whole traceback into it)."""
     try:
         yield from loader
     except MtlError as exc:
@@ -294,22 +317,59 @@ class _ClipMaker:
 
 
 class TrainStream(IterableDataset):
-    """Training clips of one rank and epoch; see ``plan_train_epoch`` for who reads what."""
+    """Training clips of one rank, one epoch a pass; see ``plan_train_epoch`` for who reads what.
+
+    The epoch (and the resume point and legs) of the next pass is set with ``set_pass`` in the main process and
+    written to a small shared buffer, which persistent workers read at the start of each pass to plan it too.
+    """
+
+    SPEC_BYTES = 1 << 16  # the pass spec as JSON: room for hundreds of legs
 
     def __init__(self, table: SplitTable, data_cfg, mean, std, *, rank, world_size, epoch, seed, skip_batches,
                  legs=()):  # fmt: skip
         self.table, self.cfg = table, data_cfg
-        self.epoch, self.seed, self.rank, self.skip = epoch, seed, rank, skip_batches
-        self.leg = len(legs)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size = data_cfg.batch_size
-        self.n_batches, self.pieces, self.batches = plan_train_epoch(
-            table.counts, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
-            batch_size=data_cfg.batch_size, workers=data_cfg.num_workers, legs=legs,
-        )  # fmt: skip
         self.maker = _ClipMaker(data_cfg.clip_len, data_cfg.image_size, mean, std, data_cfg.augment)
         self.base = table.base
         self.batch_shape = (self.batch_size, data_cfg.clip_len, 3, data_cfg.image_size, data_cfg.image_size)
-        self.ring: PixelRing | None = None  # set by the loader for each pass
+        self.ring: PixelRing | None = None  # set by the loader, before its workers start
+        self.spec = torch.zeros(self.SPEC_BYTES, dtype=torch.uint8).share_memory_()
+        self._spec = self.spec.numpy()
+        self.planned: bytes | None = None
+        self.set_pass(epoch, skip_batches, legs)
+
+    def __getstate__(self) -> dict:  # a spawned worker gets the shared tensor, and rebuilds the numpy view
+        return {k: v for k, v in self.__dict__.items() if k != "_spec"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._spec = self.spec.numpy()
+
+    def set_pass(self, epoch: int, skip_batches: int = 0, legs: tuple[Leg, ...] | list[Leg] = ()) -> None:
+        """The next pass reads ``epoch`` from rank batch ``skip_batches`` on, after the finished ``legs``."""
+        legs = tuple(legs)
+        data = json.dumps([epoch, max(0, skip_batches), [list(astuple(g)) for g in legs]]).encode()
+        if len(data) > self.SPEC_BYTES:
+            raise DataError(f"{len(legs)} legs in one epoch: more than the loader can carry; finish the epoch on "
+                            f"one set-up")  # fmt: skip
+        self._spec[:] = 0
+        self._spec[: len(data)] = np.frombuffer(data, np.uint8)
+        self._plan()
+
+    def _plan(self) -> None:
+        """This process's plan of the pass in ``spec``, unless it already has it."""
+        raw = self._spec.tobytes().rstrip(b"\0")
+        if raw == self.planned:
+            return
+        epoch, skip, legs = json.loads(raw)
+        legs = tuple(Leg(*g) for g in legs)
+        self.epoch, self.skip, self.leg = epoch, skip, len(legs)
+        self.n_batches, self.pieces, self.batches = plan_train_epoch(
+            self.table.counts, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            batch_size=self.batch_size, workers=self.cfg.num_workers, legs=legs,
+        )  # fmt: skip
+        self.planned = raw
 
     def _raw(self, pieces: list[Piece]) -> Iterator[dict]:
         for p in pieces:
@@ -321,6 +381,8 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._plan()  # a persistent worker learns the new pass here
+        self.ring.reset(_row())  # slots of an abandoned pass's unread batches (the DataLoader dropped them)
         if w != len(self.pieces):
             raise RuntimeError(f"planned for {len(self.pieces)} workers, running with {w}")
         lw = (wid + self.skip) % w  # rotate so the DataLoader's round-robin resumes at rank batch `skip`
@@ -349,11 +411,14 @@ class TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """An epoch of training batches for one rank. ``len()`` is the epoch's batches per rank (the same on every
-    rank); iterating yields the ``len() - skip_batches`` batches after the skipped ones, in the original order."""
+    """Training batches for one rank, an epoch a pass. ``len()`` is the epoch's batches per rank (the same on every
+    rank); iterating yields the ``len() - skip_batches`` batches after the skipped ones, in the original order.
+    ``set_epoch`` chooses the next pass's epoch; the workers and their ring are made on the first pass and kept for
+    every later one (forking them and mapping a new ring each epoch costs seconds at scale)."""
 
-    def __init__(self, stream: TrainStream, num_workers: int, device: torch.device | None = None):
-        self.stream, self.num_workers, self.device = stream, num_workers, device
+    def __init__(self, stream: TrainStream, num_workers: int, device: torch.device | None = None, pin: bool = False):
+        self.stream, self.num_workers, self.device, self.pin = stream, num_workers, device, pin
+        self.loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.stream.n_batches
@@ -362,13 +427,29 @@ class TrainLoader:
     def remaining(self) -> int:
         return max(0, self.stream.n_batches - self.stream.skip)
 
+    def set_epoch(self, epoch: int, skip_batches: int = 0, legs: tuple[Leg, ...] | list[Leg] = ()) -> None:
+        """The next pass: ``epoch`` from rank batch ``skip_batches`` on, after the finished ``legs`` (see
+        ``make_train_loader``)."""
+        self.stream.set_pass(epoch, skip_batches, legs)
+
     def __iter__(self) -> Iterator[dict]:
+        return prefetch(self._host_batches(), self.device)
+
+    def _host_batches(self) -> Iterator[dict]:
         if self.remaining == 0:
             return
-        ring = _ring(self.stream, self.num_workers)
-        s = self.stream
-        for batch in _dataloader(s, self.num_workers, derive_seed(s.seed, s.epoch, s.rank, s.leg, 0xD1)):
-            yield finish_batch(batch, ring, self.device)
+        if self.loader is None:
+            _ring(self.stream, self.num_workers)
+            s = self.stream
+            self.loader = _make_dataloader(s, self.num_workers, derive_seed(s.seed, s.rank, 0xD1), persistent=True)
+        for batch in _batches(self.loader):
+            yield finish_batch(batch, self.stream.ring, self.pin)
+
+    def close(self) -> None:
+        """Stop the workers now (else they go with the loader)."""
+        it, self.loader = getattr(self.loader, "_iterator", None), None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def make_train_loader(
@@ -390,8 +471,10 @@ def make_train_loader(
     with one random augmentation, except fewer than world_size * batch_size dropped samples (others each epoch).
     ``skip_batches`` resumes mid-epoch: the skipped samples are read but not decoded. Exact resume needs the same
     world_size, batch_size and num_workers; ``legs`` are the parts of the epoch read under another set-up (see
-    ``mtl.data.legs``), whose samples are left out. ``device``: where batches are delivered and the frames finished
-    (uint8 -> normalised float); default: the CPU.
+    ``mtl.data.legs``), whose samples are left out; ``set_epoch`` moves the loader (and its workers) on to another
+    epoch.
+    ``device``: where batches are delivered (a CUDA device: copied one batch ahead); default: the host, pinned when
+    CUDA is there. Frames stay uint8 (see the module notes).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -407,7 +490,7 @@ def make_train_loader(
         table, data_cfg, mean, std, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
         skip_batches=max(0, skip_batches), legs=tuple(legs),
     )  # fmt: skip
-    return TrainLoader(stream, data_cfg.num_workers, _device(device))
+    return TrainLoader(stream, data_cfg.num_workers, *_placement(device))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -459,22 +542,27 @@ class EvalStream(IterableDataset):
 class EvalLoader:
     """Evaluation batches of one rank, then all-padding batches up to ``len()``, which every rank shares."""
 
-    def __init__(self, stream: EvalStream, n_batches: int, num_workers: int, device: torch.device | None = None):
+    def __init__(self, stream: EvalStream, n_batches: int, num_workers: int, device: torch.device | None = None,
+                 pin: bool = False):  # fmt: skip
         self.stream, self.n_batches, self.num_workers, self.device = stream, n_batches, num_workers, device
+        self.pin = pin
 
     def __len__(self) -> int:
         return self.n_batches
 
     def __iter__(self) -> Iterator[dict]:
+        return prefetch(self._host_batches(), self.device)
+
+    def _host_batches(self) -> Iterator[dict]:
         done = 0
         workers = min(self.num_workers, len(self.stream.batches))
         ring = _ring(self.stream, workers)
         if self.stream.batches:
-            for batch in _dataloader(self.stream, workers, 0xE7):
+            for batch in _batches(_make_dataloader(self.stream, workers, 0xE7)):
                 done += 1
-                yield finish_batch(batch, ring, self.device)
+                yield finish_batch(batch, ring, self.pin)
         for _ in range(self.n_batches - done):  # in this process: row 0, whose slots are all released by now
-            yield finish_batch(self.stream.batch([], None), ring, self.device)
+            yield finish_batch(self.stream.batch([], None), ring, self.pin)
 
 
 def make_eval_loader(
@@ -487,4 +575,6 @@ def make_eval_loader(
         raise ValueError(f"rank {rank} outside world size {world_size}")
     table = SplitTable.load(data_cfg.shards, split)
     n_batches, batches = plan_eval(table.sample_frames, data_cfg.clip_len, data_cfg.eval_batch_size, rank, world_size)
-    return EvalLoader(EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers, _device(device))
+    return EvalLoader(
+        EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers, *_placement(device)
+    )

@@ -2,12 +2,12 @@
 
 Why not let the DataLoader hand each batch over in its own shared-memory segment, as it does with tensors: per batch
 that is a new segment, a file-descriptor handshake with the worker, a page fault for every 4 KiB on both sides
-(about 3 us each on a VM, measured: more than resizing the frames) and an unmap. A ring is made once per pass over
-the data, before the workers fork, so they share its pages; a batch then travels as (row, slot) plus its small label
-arrays, and its pages are warm from the second lap on.
+(about 3 us each on a VM, measured: more than resizing the frames) and an unmap. A ring is made once per loader
+(kept across passes with its persistent workers), before the workers fork, so they share its pages; a batch then
+travels as (row, slot) plus its small label arrays, and its pages are warm from the second lap on.
 
 Row r belongs to worker r (the in-process loader is row 0); each row has ``slots`` buffers, used in turn. A worker
-writes a slot only after the consumer released it (``finish_batch`` does, once the frames are made). With the
+writes a slot only after the consumer released it (``finish_batch`` does, once it has copied the pixels out). With the
 DataLoader's ``prefetch_factor`` P a worker holds at most P unconsumed batches, so P + 1 slots never wait.
 """
 
@@ -71,6 +71,12 @@ class PixelRing:
                 raise RuntimeError(f"loader batch buffer ({row}, {slot}) not released for {WAIT_S:.0f} s: "
                                    f"batches must go through finish_batch")  # fmt: skip
             time.sleep(1e-4)
+
+    def reset(self, row: int) -> None:
+        """All of ``row``'s slots free, filled from the first again: a worker starting a pass (its earlier batches
+        were all read, or dropped with an abandoned pass, and will never be released)."""
+        self._free[row] = 1
+        self._next[row] = 0
 
     def get(self, row: int, slot: int) -> torch.Tensor:
         return self.pixels[row, slot]

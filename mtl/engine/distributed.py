@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,8 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Join (or create) the process group through DeepSpeed, which picks nccl on GPU and gloo on CPU."""
+def init_distributed(timeout: timedelta | None = None) -> DistEnv:
+    """Join (or create) the process group through DeepSpeed, which picks nccl on GPU and gloo on CPU.
+    ``timeout``: how long a collective may wait for the other ranks (train.dist_timeout_min; DeepSpeed's default
+    otherwise)."""
     import deepspeed
 
     export_slurm_env()
@@ -71,7 +74,8 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         keep_freed_memory()  # else each step's big buffers are fresh pages (ZeRO-2's flatten: 68 vs 13 ms here)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        extra = {"timeout": timeout} if timeout is not None else {}
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, **extra)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -2,7 +2,8 @@
 
 SLURM (``--signal=USR2@90``, submitit's default) and ``scontrol requeue``/``scancel`` (SIGTERM) signal every task.
 The handler only sets a flag: saving inside a signal handler would race the training step, and DeepSpeed's save
-is collective, so the ranks agree on the flag at the next optimizer step and save together.
+is collective, so the ranks agree on the flag at the next log step (every ``train.log_every`` optimizer steps:
+the agreement waits for the GPU, so it is not made at every step) and save together.
 
 Ctrl-C (SIGINT) stops the same way, so an interactive run keeps its work; a second Ctrl-C while that save is
 pending gives up on it and interrupts at once.

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,14 @@ from tqdm import tqdm
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
 from mtl.data.legs import Leg
 from mtl.data.manifest import LabelledSplit, read_manifest
+from mtl.data.prefetch import prefetch
 from mtl.engine import checkpoint as ckpt
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.preemption import StopFlag
 from mtl.engine.step import build_engine
 from mtl.errors import MtlError
-from mtl.evaluation.evaluate import evaluate, to_device
+from mtl.evaluation.evaluate import evaluate
 from mtl.objectives import MultiTaskLoss
 from mtl.runs.export import consolidate, save_weights
 from mtl.runs.inputs import DataSource
@@ -68,24 +70,52 @@ def _git_commit() -> str:
 
 @dataclass
 class _Window:
-    """What the training log reports, accumulated over the micro-batches since the last log line."""
+    """What the training log reports, accumulated on the device over the micro-batches since the last log line
+    and read there only: between log lines nothing waits for the GPU."""
 
-    sums: dict[str, float] = field(default_factory=dict)
-    micro_batches: int = 0
+    names: list[str] = field(default_factory=list)
+    sums: torch.Tensor | None = None  # loss and parts, summed over the finite micro-batches
+    finite: torch.Tensor | None = None  # how many micro-batches were
     frames: int = 0  # over all ranks
     since: float = field(default_factory=time.time)
 
-    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], frames: int) -> None:
-        for k, v in (*parts.items(), ("loss", loss)):
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.micro_batches += 1
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], skipped: torch.Tensor, frames: int) -> None:
+        values = torch.stack([loss.float(), *(v.float() for v in parts.values())])
+        values = values.masked_fill(skipped, 0.0)
+        kept = (~skipped).to(torch.int64)
+        if self.sums is None:
+            self.names, self.sums, self.finite = ["loss", *parts], values, kept
+        else:
+            self.sums, self.finite = self.sums + values, self.finite + kept
         self.frames += frames
 
     def metrics(self) -> dict[str, float]:
         dt = max(time.time() - self.since, 1e-9)
-        logged = {f"train/{k}": v / max(self.micro_batches, 1) for k, v in self.sums.items()}
-        logged["train/frames_per_s"] = self.frames / dt
+        logged = {"train/frames_per_s": self.frames / dt}
+        if self.sums is not None:
+            *sums, finite = torch.cat([self.sums, self.finite.reshape(1).to(self.sums.dtype)]).tolist()
+            logged.update({f"train/{k}": v / max(finite, 1) for k, v in zip(self.names, sums)})
         return logged
+
+
+class _Skips:
+    """Skipped (non-finite) micro-batches, counted on the device: since the last read, the current run of them,
+    and the longest run since the last read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.new, self.run, self.longest = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+
+    def add(self, skipped: torch.Tensor) -> None:
+        one = skipped.to(torch.int64)
+        self.new = self.new + one
+        self.run = (self.run + one) * one
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def read(self) -> tuple[int, int]:
+        """(skipped since the last read, longest run of consecutive skips in that time); one host read."""
+        new, longest = torch.stack([self.new, self.longest]).tolist()
+        self.new, self.longest = torch.zeros_like(self.new), self.run.clone()
+        return new, longest
 
 
 def _warn(msg: str) -> None:
@@ -95,7 +125,7 @@ def _warn(msg: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.env: DistEnv = init_distributed()
+        self.env: DistEnv = init_distributed(timedelta(minutes=cfg.train.dist_timeout_min))
         _seed_everything(cfg.train.seed + self.env.rank)
         self.run_dir = RunDir(Path(cfg.train.output_dir).resolve())
         self.out = self.run_dir.root
@@ -127,7 +157,7 @@ class Trainer:
         self.tracker = self._open_tracker()
         self.stop = StopFlag()
         self.window = _Window()
-        self.bad_streak = 0  # consecutive non-finite losses
+        self.skips = _Skips(self.env.device)
         self.last_scores: dict[str, float] = {}
         self.bar: tqdm | None = None
 
@@ -241,35 +271,35 @@ class Trainer:
         return loader
 
     def _micro_step(self, batch: dict) -> bool:
-        """Forward, backward and DeepSpeed's step on one micro-batch; True when an optimizer step was taken."""
+        """Forward, backward and DeepSpeed's step on one micro-batch; True when an optimizer step was taken.
+        Nothing here waits for the GPU: a non-finite loss is skipped on the device (see ``Engine.forward_backward``)
+        and counted there, and read at the next log line (``_check_skips``)."""
         self.state.micro_in_epoch += 1
-        batch = to_device(batch, self.env.device)
-        done = self.engine.forward_backward(self.loss_fn, batch)
-        if done is None:
-            self._skip_bad_batch()
-            return False
-        self.bad_streak = 0
+        loss, parts, skipped = self.engine.forward_backward(self.loss_fn, batch)
         stepped = self.engine.step()
         frames = batch["pad"].shape[0] * batch["pad"].shape[1] * self.env.world_size
-        self.window.add(*done, frames=int(frames))
+        self.window.add(loss, parts, skipped, frames=int(frames))
+        self.skips.add(skipped)
         if stepped:
             self.state.step += 1
         return stepped
 
-    def _skip_bad_batch(self) -> None:
-        """Every rank skipped this micro-batch together; too many in a row means training diverged."""
-        self.bad_streak += 1
-        self.state.bad_steps_total += 1
+    def _check_skips(self) -> None:
+        """The skipped micro-batches since the last check into the state; too many in a row means training
+        diverged (all ranks read the same counts, so all stop)."""
+        new, longest = self.skips.read()
+        self.state.bad_steps_total += new
         c = self.cfg.train
-        if self.bad_streak >= c.max_bad_steps:
+        if longest >= c.max_bad_steps:
             raise MtlError(
-                f"{self.bad_streak} consecutive non-finite losses at step {self.state.step} "
+                f"{longest} consecutive non-finite losses by step {self.state.step} "
                 f"(train.max_bad_steps={c.max_bad_steps}); lower optim.lr or check the data"
             )
 
     def _log(self, step: int) -> None:
         """The training metrics of the window since the last log, then a new window."""
         ds = self.engine.ds
+        self._check_skips()
         logged = self.window.metrics()
         logged.update({
             "train/lr": max(g["lr"] for g in ds.optimizer.param_groups),
@@ -286,7 +316,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Scores on the validation split (every rank takes part), logged with their plots."""
-        loader = self.source.eval_loader(self.cfg.data.val_split, rank=self.env.rank, world_size=self.env.world_size)
+        loader = self.source.eval_loader(self.cfg.data.val_split, rank=self.env.rank, world_size=self.env.world_size,
+                                         device=self.env.device)  # fmt: skip
         self.engine.ds.eval()
         metrics, _ = evaluate(self.engine.forward, loader, self.env.device, progress=self._show_progress,
                               desc="validate")  # fmt: skip
@@ -311,6 +342,7 @@ class Trainer:
             self._save()
 
     def _save(self) -> str:
+        self._check_skips()  # the checkpoint's count of skipped micro-batches is up to date
         self.tracker.flush()
         return ckpt.save(self.engine.ds, self.run_dir.checkpoints, self.state, self.env.rank, self.cfg.train.keep_last)
 
@@ -333,15 +365,18 @@ class Trainer:
         """Micro-batches until train.max_steps ("completed") or until any rank is told to stop ("preempted")."""
         c = self.cfg.train
         while self.state.step < c.max_steps:
-            for batch in self._epoch():
+            for batch in prefetch(self._epoch(), self.env.device):  # on the GPU one batch ahead
                 if not self._micro_step(batch):
                     continue  # inside a gradient accumulation, or a skipped non-finite batch
                 step = self.state.step
                 self.bar.update(1)
-                if step % c.log_every == 0 or step == c.max_steps:
+                log_step = step % c.log_every == 0 or step == c.max_steps
+                if log_step:
                     self._log(step)
                 self._evaluate_and_checkpoint(step)
-                if any_rank(self.stop.requested, self.env.device):
+                # Agreed at log steps only (a collective the host waits for): a stop signal ends the run
+                # within train.log_every steps.
+                if log_step and any_rank(self.stop.requested, self.env.device):
                     self._save()
                     return "preempted"
                 if step >= c.max_steps:
@@ -368,6 +403,7 @@ class Trainer:
         finally:
             self.bar.close()
             self.stop.uninstall()
+            self.source.close()
         self.tracker.end("KILLED" if status == "preempted" else "FINISHED")
         return TrainResult(status, self.state.step, self.tracker.run_id, str(self.out), self.last_scores)
 

@@ -48,11 +48,15 @@ class MultiTaskNet(nn.Module):
             self.encoder.eval()  # a frozen backbone keeps its eval behaviour (dropout, drop-path) in training
         return self
 
-    def encode_frames(self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """[B,T,3,H,W] -> [B,T,D]; only frames with an image run through the backbone (others are masked anyway)."""
+    def encode_frames(
+        self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B,T,3,H,W] -> [B,T,D]; only frames with an image run through the backbone (others are masked anyway).
+        ``image_index``: their flat indices when the caller has them (the loaders do); else found here, which makes
+        the host wait for the GPU."""
         b, t = frames.shape[:2]
         flat = frames.reshape(b * t, *frames.shape[2:])
-        idx = (has_image & ~pad).reshape(-1).nonzero().squeeze(1)
+        idx = image_index if image_index is not None else (has_image & ~pad).reshape(-1).nonzero().squeeze(1)
         run_dummy = idx.numel() == 0
         # With no image at all the backbone still runs once, on a blank frame, so every rank calls it the same
         # number of times (ZeRO-3 gathers parameters collectively) and its parameters get (zero) gradients.
@@ -69,9 +73,12 @@ class MultiTaskNet(nn.Module):
             feats = feats.index_copy(0, idx, out)
         return feats.reshape(b, t, -1)
 
-    def forward(self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, frames: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``image_index``: see ``encode_frames``."""
         has_image = has_image & ~pad
-        feats = frames if self.encoder is None else self.encode_frames(frames, has_image, pad)
+        feats = frames if self.encoder is None else self.encode_frames(frames, has_image, pad, image_index)
         return self.from_features(feats, has_image, pad)
 
     def from_features(self, feats: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 
 from mtl.config import Config
 from mtl.data.legs import Leg
-from mtl.data.loader import make_eval_loader, make_train_loader
+from mtl.data.loader import TrainLoader, make_eval_loader, make_train_loader
 from mtl.errors import DataError
 from mtl.features.loader import (
     FeatureEvalLoader,
@@ -35,6 +35,7 @@ class DataSource:
         self.manifests = check_sources(self.features, cfg.data.shards) if self.features else []
         self._splits: dict[str, FeatureSplit] = {}
         self.norm: Norm | None = None
+        self._pixels: tuple[tuple[int, int, int], TrainLoader] | None = None  # kept: its workers serve each epoch
 
     @property
     def uses_features(self) -> bool:
@@ -67,9 +68,16 @@ class DataSource:
         the epoch read earlier under another set-up (a resume on another world size)."""
         d = self.cfg.data
         if not self.uses_features:
+            key = (rank, world_size, seed)
+            if self._pixels is not None and self._pixels[0] == key:  # the same workers, on to the next epoch
+                self._pixels[1].set_epoch(epoch, skip_batches, legs)
+                return self._pixels[1]
+            self.close()
             mean, std = self._norm()
-            return make_train_loader(d, mean=mean, std=std, rank=rank, world_size=world_size, epoch=epoch,
-                                     seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
+            loader = make_train_loader(d, mean=mean, std=std, rank=rank, world_size=world_size, epoch=epoch,
+                                       seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
+            self._pixels = (key, loader)
+            return loader
         loader = FeatureTrainLoader(self.split(d.train_split), d, rank=rank, world_size=world_size, epoch=epoch,
                                     seed=seed, skip_batches=skip_batches, legs=legs)  # fmt: skip
         if len(loader) == 0 and not legs:  # (the last leg of an epoch may have no whole batch left)
@@ -86,6 +94,12 @@ class DataSource:
             return make_eval_loader(self.cfg.data, split, mean=mean, std=std, rank=rank, world_size=world_size,
                                     device=device)  # fmt: skip
         return FeatureEvalLoader(self.split(split), self.cfg.data, rank=rank, world_size=world_size)
+
+    def close(self) -> None:
+        """Stop the training loader's workers (kept across epochs until then)."""
+        if self._pixels is not None:
+            self._pixels[1].close()
+            self._pixels = None
 
     def _norm(self) -> Norm:
         if self.norm is None:

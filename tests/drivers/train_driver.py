@@ -7,6 +7,9 @@ usage: train_driver.py MODE CONFIG [key=value ...]
   nan_from_micro=K     every loss from micro-batch K on is NaN
   kill_after_log=N     SIGKILL this process right after the metrics of step N reached MLflow
   stop_at_step=N       stop as a preemption signal would, right after step N (checkpoint saved, exit 3)
+  host_syncs           count the calls `mtl/` code makes that wait for the device (Tensor.item, __bool__, tolist,
+                       cpu, numpy, torch.nonzero), per optimizer step: `SYNCS <rank> <step> <count> <names>`
+                       (grad_accum 1: from the start of the step's micro-batch to the start of the next one)
 Every mode also prints `LOADED <rank> <step> <sha256> <AdamW step>` once the trainer is built (what it resumed
 with), `GROUPS_LOADED`/`GROUPS_END <rank> <json>` (the parameter groups' settings, after loading and at the end) and
 `SAMPLES <rank> <epoch> <id> ...` per epoch: the training sample ids this process consumed.
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mtl.config import load_config
 from mtl.engine import checkpoint as ckpt
@@ -57,6 +61,26 @@ def group_settings(engine) -> str:
     """Each parameter group's weight decay and lr relative to the first group's, as JSON."""
     groups = engine.optimizer.optimizer.param_groups
     return json.dumps([[g["weight_decay"], round(g["lr"] / groups[0]["lr"], 9)] for g in groups])
+
+
+class SyncCounter(TorchFunctionMode):
+    """Records the name of each call, from a file under mtl/, of a torch function that makes the host wait for the
+    device (the caller is the frame that called the function: these are all C functions)."""
+
+    WAITS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+             torch.nonzero, torch.Tensor.nonzero}  # fmt: skip
+    MTL = str(Path(trainer_mod.__file__).resolve().parents[1]) + os.sep
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.WAITS:
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.realpath(caller).startswith(self.MTL):
+                self.calls.append(f"{getattr(func, '__name__', func)}@{Path(caller).name}")
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> int:
@@ -114,7 +138,25 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         t.tracker.log_metrics = log_then_die
-    result = t.run()
+    if mode == "host_syncs":
+        counter = SyncCounter()
+        marks: list[tuple[int, int]] = []  # (calls counted before the micro-batch, step after it)
+
+        def marking_micro_step(batch, inner=t._micro_step):
+            before = len(counter.calls)
+            stepped = inner(batch)
+            marks.append((before, t.state.step))
+            return stepped
+
+        t._micro_step = marking_micro_step
+        with counter:
+            result = t.run()
+        bounds = [b for b, _ in marks] + [len(counter.calls)]
+        for i, (_, step) in enumerate(marks):
+            names = sorted(set(counter.calls[bounds[i] : bounds[i + 1]]))
+            print(f"SYNCS {t.env.rank} {step} {bounds[i + 1] - bounds[i]} {','.join(names) or '-'}", flush=True)
+    else:
+        result = t.run()
     for epoch, ids in sorted(seen.items()):
         print(f"SAMPLES {t.env.rank} {epoch} {' '.join(map(str, ids))}", flush=True)
     print(f"RESULT {t.env.rank} {result.status} {result.step} {result.run_id}", flush=True)
