@@ -200,3 +200,71 @@ def test_ctrl_c_saves_and_resumed_history_has_each_step_once(tiny_shards: Path, 
     assert "completed at step 120" in final.stdout
     steps = _logged_steps(db)
     assert sorted(steps) == list(range(1, 121)), f"steps logged more than once or missing: {sorted(steps)}"
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A real 4 MiB file system (tmpfs, root only as CI runs), so writes end in ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        run(["umount", str(mount)])
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(bytes(st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def test_torch_and_safetensors_writes_to_a_full_disk_name_the_path(small_disk: Path) -> None:
+    from mtl.errors import os_error_line, writing
+
+    (small_disk / "out").mkdir()
+    _fill(small_disk, 64 * 1024)
+    for name, write in [("w.pt", lambda p: torch.save({"w": torch.zeros(256, 256)}, p)),
+                        ("w.safetensors", lambda p: save_weights({"w": torch.zeros(256, 256)}, p, {}))]:  # fmt: skip
+        path = small_disk / "out" / name
+        with pytest.raises(OSError) as caught, writing(path):
+            write(path)
+        assert os_error_line(caught.value) == f"{path}: No space left on device"
+    assert not list((small_disk / "out").glob("*.tmp"))  # the export's partial file is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["checkpoint", "export"])
+def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(
+    where: str, tiny_shards: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    """Space for the run's configs but not its checkpoint (~1 MB here), or for the checkpoint but not the exports
+    (~220 KB each): one line naming the folder, the half-written files removed, and once space is freed the same
+    command finishes the same MLflow run."""
+    out, db = small_disk / "run", tmp_path / "mlflow.db"
+    filler = _fill(small_disk, {"checkpoint": 400, "export": 1100}[where] * 1024)
+    args = ["train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=3")]
+    proc = mtl(*args)
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr and "unexpected pos" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    tag_dir = out / "checkpoints" / layout.tag_for(3)
+    named = tag_dir if where == "checkpoint" else out / "export" / "last.safetensors"
+    assert lines == [f"mtl train: error: {named}: No space left on device"], proc.stderr[-4000:]
+    if where == "checkpoint":
+        assert not tag_dir.exists()  # half-written: removed, its space back
+    else:
+        assert layout.complete_tags(out / "checkpoints") == [tag_dir.name]
+        assert not list((out / "export").glob("*.tmp"))
+
+    filler.unlink()
+    assert "completed at step 3" in ok(mtl(*args)).stdout
+    assert all((out / "export" / f"{name}.safetensors").is_file() for name in ("last", "best"))
+    _, runs = _runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtl.engine.distributed import barrier
-from mtl.errors import MtlError
+from mtl.errors import MtlError, writing
 from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
 from mtl.runs.safe_load import weights_only_loads
 
@@ -94,8 +94,16 @@ def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: i
     if rank == 0 and tag_dir.exists():  # a half-written save of the same step, from a killed run
         shutil.rmtree(tag_dir)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"mtl_state": state.to_dict()}, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    try:
+        with writing(tag_dir):  # a full disk: `<tag dir>: No space left on device`, not torch's `unexpected pos`
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"mtl_state": state.to_dict()},
+                                   save_latest=False)  # fmt: skip
+            torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    except OSError:
+        # Never complete (the marker needs every rank past the barrier below): its space is given back now
+        # rather than at the next save, which the other ranks will not reach (their launcher stops them).
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise
     barrier()
     if rank == 0:
         write_marker(tag_dir, state.to_dict())
