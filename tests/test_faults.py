@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -268,3 +269,16 @@ def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(
     assert all((out / "export" / f"{name}.safetensors").is_file() for name in ("last", "best"))
     _, runs = _runs(db)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_rendezvous_port_in_use_is_one_line(tiny_shards: Path, tmp_path: Path) -> None:
+    """MASTER_PORT held by another program (a real bound socket): one line naming the port and MASTER_PORT."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        args = smoke_overrides(tiny_shards, tmp_path / "run", tmp_path / "mlflow.db")
+        proc = run([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args],
+                   env={"MASTER_PORT": str(port)})  # fmt: skip
+    _one_line_error(proc, f"rendezvous port {port} on 127.0.0.1", f"MASTER_PORT={port}", "already in use")
+    assert not (tmp_path / "run").exists()  # before anything was written

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mtl.allocator import keep_freed_memory
+from mtl.errors import MtlError
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,15 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         keep_freed_memory()  # else each step's big buffers are fresh pages (ZeRO-2's flatten: 68 vs 13 ms here)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        except dist.DistNetworkError as exc:  # torch's 44-line traceback for a port someone else holds
+            if "EADDRINUSE" not in str(exc):
+                raise
+            port, host = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+            raise MtlError(f"rendezvous port {port} on {host} is already in use (MASTER_PORT={port}): another run "
+                           "or program holds it; set MASTER_PORT to a free port, or unset it on one process "
+                           "(a free one is then picked)") from None  # fmt: skip
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
