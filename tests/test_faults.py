@@ -282,3 +282,68 @@ def test_rendezvous_port_in_use_is_one_line(tiny_shards: Path, tmp_path: Path) -
                    env={"MASTER_PORT": str(port)})  # fmt: skip
     _one_line_error(proc, f"rendezvous port {port} on 127.0.0.1", f"MASTER_PORT={port}", "already in use")
     assert not (tmp_path / "run").exists()  # before anything was written
+
+
+_RESUME = """
+import json, os, sys, torch, deepspeed
+from pathlib import Path
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+from mtl.engine import checkpoint as ckpt
+from mtl.errors import MtlError
+
+def engine(width):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)[0]
+
+root = Path(sys.argv[1])
+for width in sys.argv[3:]:
+    if width == "save":
+        e = engine(4)
+        e.backward(e(torch.randn(2, 4)).sum())
+        e.step()
+        ckpt.save(e, root, ckpt.TrainState(step=1), rank=0, keep_last=2)
+        continue
+    width, _, rng = width.partition(":")  # 4:FILE: that file as the tag's RNG state
+    if rng:
+        (root / "step_00000001" / "rng_rank00000.pt").write_bytes(Path(rng).read_bytes())
+    try:
+        ckpt.load(engine(int(width)), root, "step_00000001", rank=0)
+        print(json.dumps("loaded"))
+    except MtlError as exc:
+        print(json.dumps(str(exc)))
+"""
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_bad_rng_file_and_another_model_width(tmp_path: Path) -> None:
+    """Where a checkpoint is loaded (every resume): a crafted `rng_rank*.pt` is refused without running it, a
+    truncated or foreign one is named, and weights of another width are one line, as `mtl eval` says it."""
+    root = tmp_path / "checkpoints"
+    tag_dir = root / layout.tag_for(1)
+
+    def resume(*widths: str) -> list[str]:
+        proc = ok(run([sys.executable, "-c", _RESUME, str(root), str(free_port()), *widths]))
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('"')]
+
+    assert resume("save", "4", "8") == [
+        "loaded",
+        f"{tag_dir}: weights do not fit the model (size mismatch for 0.weight: copying a param with shape "
+        "torch.Size([4, 4]) from checkpoint, the shape in current model is torch.Size([8, 4]).; size mismatch for "
+        "0.bias: copying a param with shape torch.Size([4]) from checkpoint, the shape in current model is "
+        "torch.Size([8]).; size mismatch for 1.weight: copying a param with shape torch.Size([2, 4]) from "
+        "checkpoint, the shape in current model is torch.Size([2, 8]).); resume with the model settings it was "
+        "saved with, or train in another train.output_dir",
+    ]
+    rng = tag_dir / "rng_rank00000.pt"
+    marker = tmp_path / "pwned"
+    crafted, truncated, foreign = tmp_path / "crafted.pt", tmp_path / "truncated.pt", tmp_path / "foreign.pt"
+    torch.save({**torch.load(rng, weights_only=True), "x": _Payload(marker)}, crafted)
+    truncated.write_bytes(rng.read_bytes()[:200])
+    torch.save({"torch": torch.zeros(3)}, foreign)
+    got = resume(f"4:{crafted}", f"4:{truncated}", f"4:{foreign}")
+    assert not marker.exists(), "an RNG file ran code while being loaded"
+    assert got[0].startswith(f"{rng}: refused to unpickle a checkpoint file ("), got[0]
+    assert got[1].startswith(f"{rng}: not an RNG state written by `mtl train` (PytorchStreamReader"), got[1]
+    assert got[2] == f"{rng}: not an RNG state written by `mtl train` (RNG state must be a torch.ByteTensor)"

@@ -24,6 +24,7 @@ from mtl.engine.distributed import barrier
 from mtl.errors import MtlError, writing
 from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
 from mtl.runs.safe_load import weights_only_loads
+from mtl.runs.trained import weights_mismatch
 
 
 @dataclass
@@ -192,7 +193,14 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = Fal
     from the tag's universal form (``convert_to_universal``), into an engine built to load it."""
     load_dir, load_tag = (ckpt_dir / tag, UNIVERSAL) if universal else (ckpt_dir, tag)
     with weights_only_loads(ckpt_dir / tag):  # DeepSpeed's loader unpickles; only weights get through
-        path, _client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        try:
+            path, _client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        except RuntimeError as exc:  # saved by another architecture (a model width changed): as `mtl eval` says it
+            mismatch = weights_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise MtlError(f"{ckpt_dir / tag}: weights do not fit the model ({mismatch}); resume with the model "
+                           "settings it was saved with, or train in another train.output_dir") from None  # fmt: skip
         if universal:
             _restore_param_groups(engine, load_dir / load_tag)
     if path is None:
@@ -200,5 +208,17 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = Fal
     state = read_state(ckpt_dir / tag)
     rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _restore_rng_state(rng_file)
     return state
+
+
+def _restore_rng_state(path: Path) -> None:
+    """A rank's RNG streams, as ``save`` wrote them; anything else (a crafted pickle, a truncated or foreign file)
+    is refused naming it, as the model and optimizer files are (the run stops, so a stream half set is moot)."""
+    with weights_only_loads(path):  # a pickle that needs more than tensors and plain containers: refused
+        try:
+            _set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            text = str(exc).strip()
+            what = text.splitlines()[0] if text else repr(exc)
+            raise MtlError(f"{path}: not an RNG state written by `mtl train` ({what})") from None
