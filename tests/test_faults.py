@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -200,3 +201,149 @@ def test_ctrl_c_saves_and_resumed_history_has_each_step_once(tiny_shards: Path, 
     assert "completed at step 120" in final.stdout
     steps = _logged_steps(db)
     assert sorted(steps) == list(range(1, 121)), f"steps logged more than once or missing: {sorted(steps)}"
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A real 4 MiB file system (tmpfs, root only as CI runs), so writes end in ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        run(["umount", str(mount)])
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(bytes(st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def test_torch_and_safetensors_writes_to_a_full_disk_name_the_path(small_disk: Path) -> None:
+    from mtl.errors import os_error_line, writing
+
+    (small_disk / "out").mkdir()
+    _fill(small_disk, 64 * 1024)
+    for name, write in [("w.pt", lambda p: torch.save({"w": torch.zeros(256, 256)}, p)),
+                        ("w.safetensors", lambda p: save_weights({"w": torch.zeros(256, 256)}, p, {}))]:  # fmt: skip
+        path = small_disk / "out" / name
+        with pytest.raises(OSError) as caught, writing(path):
+            write(path)
+        assert os_error_line(caught.value) == f"{path}: No space left on device"
+    assert not list((small_disk / "out").glob("*.tmp"))  # the export's partial file is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["checkpoint", "export"])
+def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(
+    where: str, tiny_shards: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    """Space for the run's configs but not its checkpoint (~1 MB here), or for the checkpoint but not the exports
+    (~220 KB each): one line naming the folder, the half-written files removed, and once space is freed the same
+    command finishes the same MLflow run."""
+    out, db = small_disk / "run", tmp_path / "mlflow.db"
+    filler = _fill(small_disk, {"checkpoint": 400, "export": 1100}[where] * 1024)
+    args = ["train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=3")]
+    proc = mtl(*args)
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr and "unexpected pos" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    tag_dir = out / "checkpoints" / layout.tag_for(3)
+    named = tag_dir if where == "checkpoint" else out / "export" / "last.safetensors"
+    assert lines == [f"mtl train: error: {named}: No space left on device"], proc.stderr[-4000:]
+    if where == "checkpoint":
+        assert not tag_dir.exists()  # half-written: removed, its space back
+    else:
+        assert layout.complete_tags(out / "checkpoints") == [tag_dir.name]
+        assert not list((out / "export").glob("*.tmp"))
+
+    filler.unlink()
+    assert "completed at step 3" in ok(mtl(*args)).stdout
+    assert all((out / "export" / f"{name}.safetensors").is_file() for name in ("last", "best"))
+    _, runs = _runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_rendezvous_port_in_use_is_one_line(tiny_shards: Path, tmp_path: Path) -> None:
+    """MASTER_PORT held by another program (a real bound socket): one line naming the port and MASTER_PORT."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        args = smoke_overrides(tiny_shards, tmp_path / "run", tmp_path / "mlflow.db")
+        proc = run([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args],
+                   env={"MASTER_PORT": str(port)})  # fmt: skip
+    _one_line_error(proc, f"rendezvous port {port} on 127.0.0.1", f"MASTER_PORT={port}", "already in use")
+    assert not (tmp_path / "run").exists()  # before anything was written
+
+
+_RESUME = """
+import json, os, sys, torch, deepspeed
+from pathlib import Path
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+from mtl.engine import checkpoint as ckpt
+from mtl.errors import MtlError
+
+def engine(width):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)[0]
+
+root = Path(sys.argv[1])
+for width in sys.argv[3:]:
+    if width == "save":
+        e = engine(4)
+        e.backward(e(torch.randn(2, 4)).sum())
+        e.step()
+        ckpt.save(e, root, ckpt.TrainState(step=1), rank=0, keep_last=2)
+        continue
+    width, _, rng = width.partition(":")  # 4:FILE: that file as the tag's RNG state
+    if rng:
+        (root / "step_00000001" / "rng_rank00000.pt").write_bytes(Path(rng).read_bytes())
+    try:
+        ckpt.load(engine(int(width)), root, "step_00000001", rank=0)
+        print(json.dumps("loaded"))
+    except MtlError as exc:
+        print(json.dumps(str(exc)))
+"""
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_bad_rng_file_and_another_model_width(tmp_path: Path) -> None:
+    """Where a checkpoint is loaded (every resume): a crafted `rng_rank*.pt` is refused without running it, a
+    truncated or foreign one is named, and weights of another width are one line, as `mtl eval` says it."""
+    root = tmp_path / "checkpoints"
+    tag_dir = root / layout.tag_for(1)
+
+    def resume(*widths: str) -> list[str]:
+        proc = ok(run([sys.executable, "-c", _RESUME, str(root), str(free_port()), *widths]))
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('"')]
+
+    assert resume("save", "4", "8") == [
+        "loaded",
+        f"{tag_dir}: weights do not fit the model (size mismatch for 0.weight: copying a param with shape "
+        "torch.Size([4, 4]) from checkpoint, the shape in current model is torch.Size([8, 4]).; size mismatch for "
+        "0.bias: copying a param with shape torch.Size([4]) from checkpoint, the shape in current model is "
+        "torch.Size([8]).; size mismatch for 1.weight: copying a param with shape torch.Size([2, 4]) from "
+        "checkpoint, the shape in current model is torch.Size([2, 8]).); resume with the model settings it was "
+        "saved with, or train in another train.output_dir",
+    ]
+    rng = tag_dir / "rng_rank00000.pt"
+    marker = tmp_path / "pwned"
+    crafted, truncated, foreign = tmp_path / "crafted.pt", tmp_path / "truncated.pt", tmp_path / "foreign.pt"
+    torch.save({**torch.load(rng, weights_only=True), "x": _Payload(marker)}, crafted)
+    truncated.write_bytes(rng.read_bytes()[:200])
+    torch.save({"torch": torch.zeros(3)}, foreign)
+    got = resume(f"4:{crafted}", f"4:{truncated}", f"4:{foreign}")
+    assert not marker.exists(), "an RNG file ran code while being loaded"
+    assert got[0].startswith(f"{rng}: refused to unpickle a checkpoint file ("), got[0]
+    assert got[1].startswith(f"{rng}: not an RNG state written by `mtl train` (PytorchStreamReader"), got[1]
+    assert got[2] == f"{rng}: not an RNG state written by `mtl train` (RNG state must be a torch.ByteTensor)"

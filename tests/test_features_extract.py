@@ -26,7 +26,7 @@ from mtl.cli import main
 from mtl.data.manifest import file_sha256, read_manifest
 from mtl.data.shardio import parse_sample, read_raw
 from mtl.data.transforms import decode_jpeg
-from mtl.extraction.extract import ExtractSpec, extract
+from mtl.extraction.extract import ExtractSpec, Part, extract
 from mtl.features.manifest import read_feature_manifest
 from mtl.features.shards import FORMAT, read_feature_shard
 from mtl.model.backbone import FrameEncoder
@@ -223,6 +223,44 @@ def test_resume_after_a_kill_keeps_finished_shards(
     after = {n: (s.st_ino, s.st_mtime_ns) for n in done if (s := (out / "train" / n).stat())}
     assert after == before  # finished shards untouched
     assert _files(out) == _files(cache) and m == read_feature_manifest(cache)
+
+
+def test_a_finished_shard_damaged_before_a_rerun_is_extracted_again(
+    cache: Path, tiny_shards: Path, weights: Path, tmp_path: Path, capsys
+) -> None:
+    """Finished shards are checked against what was recorded when they were written (a part's partial manifest
+    while the extraction is unfinished, the manifest once it is): a changed one is rewritten, not trusted."""
+    out = tmp_path / "out"
+    assert extract(tiny_shards, out, _spec(weights), part=Part(0, 2), progress=False) is None  # half of the plan
+    mine = sorted(_files(out))
+    assert len(mine) == 3 and not (out / "manifest.json").exists()
+    assert [p.name for p in out.glob(".features-done.*")] == [".features-done.0-of-2.json"]
+    flipped, cut = out / mine[0], out / mine[2]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    full = cut.stat().st_size
+    cut.write_bytes(cut.read_bytes()[:-512])
+    kept = (out / mine[1]).stat().st_mtime_ns
+    capsys.readouterr()
+
+    m = extract(tiny_shards, out, _spec(weights), progress=False)  # the rest, and the two damaged ones again
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"mtl features: warning: {flipped}: does not match the sha256 recorded when it was written; "
+        "extracting it again",
+        f"mtl features: warning: {cut}: has {full - 512} bytes, {full} were written; extracting it again",
+    ]
+    assert _files(out) == _files(cache) and m == read_feature_manifest(cache)
+    assert (out / mine[1]).stat().st_mtime_ns == kept  # an intact one is not written again
+    assert not list(out.glob(".features-done.*"))  # the manifest holds the records now
+
+    # Finished: the manifest's records are the reference.
+    other = out / sorted(_files(out))[-1]
+    other.write_bytes(other.read_bytes()[::-1])
+    assert extract(tiny_shards, out, _spec(weights), progress=False) == m
+    assert f"{other}: does not match the sha256" in capsys.readouterr().err
+    assert _files(out) == _files(cache)
 
 
 def test_torchrun_two_ranks_write_the_same_cache(cache: Path, tiny_shards: Path, weights: Path, tmp_path: Path) -> None:

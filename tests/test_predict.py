@@ -4,8 +4,10 @@ training run: rows, face flags, boxes, frames folder = same frames as a video, b
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,43 @@ def test_bad_inputs_are_named_and_the_rest_still_run(trained_run: Path, tmp_path
     assert len(rows) == 12 and {r["face"] for r in rows} == {"0"}
     assert all(r["valence"] != "" for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["faceless.csv"]  # nothing half-written left behind
+
+
+def test_an_undecodable_jpeg_is_a_row_without_a_face_and_the_rest_is_predicted(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    frames, _ = face_frames(12)
+    folder, broken_only = tmp_path / "jpegs", tmp_path / "broken_only"
+    for where, n in ((folder, 12), (broken_only, 2)):
+        where.mkdir()
+        for i, rgb in enumerate(frames[:n]):
+            cv2.imwrite(str(where / f"{i + 1:04d}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    intact = tmp_path / "intact"
+    shutil.copytree(folder, intact)
+    broken = folder / "0006.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 no longer a JPEG" * 20)
+    for f in broken_only.iterdir():
+        f.write_bytes(f.read_bytes()[:2] + b"garbage" * 30)
+    out = tmp_path / "out"
+    proc = mtl("predict", "--checkpoint", str(trained_run), str(folder), str(intact), str(broken_only), "--fps", "10",
+               "--out", str(out), "--no-progress")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"mtl predict: warning: {broken}: image does not decode; its row has face=0"], proc.stderr
+    assert f"error: {broken_only}: none of its 2 images decodes ({broken_only}/0001.jpg" in proc.stderr
+    assert "1 of 3 inputs failed" in proc.stderr
+    assert f"{folder}: 12 frames, 11 with a face" in proc.stdout
+    _, rows = _rows(out / "jpegs.csv")
+    _, rows_intact = _rows(out / "intact.csv")
+    assert len(rows) == 12 and [r["face"] for r in rows] == ["1"] * 5 + ["0"] + ["1"] * 6
+    assert rows[5]["face_x"] == "" and rows[5]["valence"] != "" and rows[5]["time_s"] == rows_intact[5]["time_s"]
+
+    def box(r: dict[str, str]) -> tuple[float, ...]:
+        return tuple(float(r[k]) for k in ("face_x", "face_y", "face_w", "face_h"))
+
+    assert [box(r) for r in rows[:5]] == [box(r) for r in rows_intact[:5]]  # the others: the same faces (after
+    assert all(_iou(box(a), box(b)) > 0.6 for a, b in zip(rows[6:], rows_intact[6:]))  # the gap, re-found)
+    assert not (out / "broken_only.csv").exists()
 
 
 def test_user_mistakes_are_one_line_errors(trained_run: Path, tmp_path: Path) -> None:

@@ -4,22 +4,25 @@ the data it trained and validated on, and what `mtl eval` wrote afterwards."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import SMOKE, mtl, ok, smoke_overrides
+from helpers import SMOKE, mtl, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 from mtl.config import TrackingConfig, load_config
 from mtl.data.manifest import read_manifest
+from mtl.errors import MtlError
 from mtl.launch.slurm_request import load_for_submit
 from mtl.launch.sweep import element_name
 from mtl.naming import MAX_CHARS
 from mtl.tracking.inputs import split_digest
-from mtl.tracking.runs import attach
+from mtl.tracking.runs import attach, open_run
 
 # `mtl submit`'s flags reach the config as slurm.* overrides, after the user's
 FLAGS = {"partition": "gpu", "nodes": 2, "time": 30}
@@ -46,6 +49,50 @@ def test_eval_logs_nothing_where_no_run_is_recorded(tmp_path: Path) -> None:
     message = attach(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"), [tmp_path / "metrics.json"], "eval/val")
     assert message == "no MLflow run is recorded with these weights: nothing logged to MLflow"
     assert not (tmp_path / "m.db").exists()
+
+
+def _one_line(stderr: str, *words: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and ": error: " in lines[0] and "Traceback" not in stderr, stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def read_only_store(tmp_path: Path):
+    """A real MLflow store on a file system mounted read-only (root only, as CI runs: root ignores chmod)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        uri = f"sqlite:///{mount / 'mlflow.db'}"
+        make = f"from mlflow.tracking import MlflowClient; MlflowClient({uri!r}).search_experiments()"
+        ok(run([sys.executable, "-c", make]))  # the store's tables (another process: this one keeps no handle)
+        ok(run(["mount", "-o", "remount,ro", str(mount)]))
+        yield uri
+    finally:
+        run(["umount", str(mount)])
+
+
+def test_a_broken_store_is_one_line_before_training(tmp_path: Path, read_only_store: str, capsys) -> None:
+    """Garbage in the store's file, or a store in a read-only folder: `mtl train` (and `mtl submit`, which makes
+    the run) name it in one line before a process group, a model or the output directory exists."""
+    from mtl.cli import main
+
+    garbage = tmp_path / "mlflow.db"
+    garbage.write_bytes(b"not an MLflow store\n" * 200)
+    out = tmp_path / "run"
+    for uri, why in ((f"sqlite:///{garbage}", f"{garbage} is not an SQLite database"),
+                     (read_only_store, "is not writable")):  # fmt: skip
+        args = ["train", "--config", str(SMOKE), f"data.shards={tmp_path}", f"train.output_dir={out}",
+                f"tracking.uri={uri}"]  # fmt: skip
+        assert main(args) == 2
+        _one_line(capsys.readouterr().err, f"mtl train: error: MLflow store {uri}: ", why)
+        assert not out.exists()
+        with pytest.raises(MtlError, match=f"MLflow store {re.escape(uri)}: "):
+            open_run(TrackingConfig(uri=uri), "x", {})
+    assert garbage.read_bytes() == b"not an MLflow store\n" * 200  # left as it was
 
 
 def _image_steps(client: MlflowClient, run_id: str) -> dict[str, set[int]]:
@@ -122,3 +169,14 @@ def test_a_run_reads_back_by_name_with_step_images_inputs_and_eval_outputs(
     assert f"MLflow store sqlite:///{gone} not found: nothing logged to MLflow (set tracking.uri=" in printed
     assert not gone.exists()
     assert {a.path for a in client.list_artifacts(run_id, "eval/val")} == {"eval/val/best", "eval/val/step_00000004"}
+
+    # A store that is there but holds garbage: one line naming it before anything is evaluated or written.
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not an MLflow store\n" * 200)
+    from mtl.cli import main
+
+    capsys.readouterr()
+    args = ["--checkpoint", str(moved), "--out", str(tmp_path / "e5"), f"tracking.uri=sqlite:///{garbage}"]
+    assert main(["eval", *args]) == 2
+    _one_line(capsys.readouterr().err, f"MLflow store sqlite:///{garbage}", "not an SQLite database")
+    assert not (tmp_path / "e5").exists()

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+MAX_WARNINGS = 10  # undecodable images named one by one per input; past that, counted
+
 
 def _predict(args: argparse.Namespace) -> int:
     from mtl.errors import MtlError
@@ -42,6 +44,11 @@ def _predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"mtl predict: error: {exc}", file=sys.stderr)
             continue
+        for problem in r.undecoded[:MAX_WARNINGS]:
+            print(f"mtl predict: warning: {problem}; its row has face=0", file=sys.stderr)
+        if len(r.undecoded) > MAX_WARNINGS:
+            print(f"mtl predict: warning: {path}: {len(r.undecoded) - MAX_WARNINGS} more images do not decode; "
+                  "their rows have face=0", file=sys.stderr)  # fmt: skip
         if r.face_frames == 0:
             print(f"mtl predict: warning: {path}: no face found in any of its {r.frames} frames; every row has "
                   f"face=0 (predictions from the temporal trunk alone)", file=sys.stderr)  # fmt: skip

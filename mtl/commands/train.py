@@ -17,6 +17,11 @@ def _train(args: argparse.Namespace) -> int:
     from mtl.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group or model exists
+    if cfg.tracking.enabled and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        from mtl.tracking.mlflow_run import resolve_uri
+        from mtl.tracking.store import check_store
+
+        check_store(resolve_uri(cfg.tracking))  # and so is the MLflow store (rank 0 logs)
     from mtl.engine.trainer import train
 
     result = train(cfg)

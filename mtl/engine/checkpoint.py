@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from mtl.engine.distributed import barrier
-from mtl.errors import MtlError
+from mtl.errors import MtlError, writing
 from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
 from mtl.runs.safe_load import weights_only_loads
+from mtl.runs.trained import weights_mismatch
 
 
 @dataclass
@@ -94,8 +95,16 @@ def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: i
     if rank == 0 and tag_dir.exists():  # a half-written save of the same step, from a killed run
         shutil.rmtree(tag_dir)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"mtl_state": state.to_dict()}, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    try:
+        with writing(tag_dir):  # a full disk: `<tag dir>: No space left on device`, not torch's `unexpected pos`
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"mtl_state": state.to_dict()},
+                                   save_latest=False)  # fmt: skip
+            torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    except OSError:
+        # Never complete (the marker needs every rank past the barrier below): its space is given back now
+        # rather than at the next save, which the other ranks will not reach (their launcher stops them).
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise
     barrier()
     if rank == 0:
         write_marker(tag_dir, state.to_dict())
@@ -184,7 +193,14 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = Fal
     from the tag's universal form (``convert_to_universal``), into an engine built to load it."""
     load_dir, load_tag = (ckpt_dir / tag, UNIVERSAL) if universal else (ckpt_dir, tag)
     with weights_only_loads(ckpt_dir / tag):  # DeepSpeed's loader unpickles; only weights get through
-        path, _client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        try:
+            path, _client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        except RuntimeError as exc:  # saved by another architecture (a model width changed): as `mtl eval` says it
+            mismatch = weights_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise MtlError(f"{ckpt_dir / tag}: weights do not fit the model ({mismatch}); resume with the model "
+                           "settings it was saved with, or train in another train.output_dir") from None  # fmt: skip
         if universal:
             _restore_param_groups(engine, load_dir / load_tag)
     if path is None:
@@ -192,5 +208,17 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = Fal
     state = read_state(ckpt_dir / tag)
     rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _restore_rng_state(rng_file)
     return state
+
+
+def _restore_rng_state(path: Path) -> None:
+    """A rank's RNG streams, as ``save`` wrote them; anything else (a crafted pickle, a truncated or foreign file)
+    is refused naming it, as the model and optimizer files are (the run stops, so a stream half set is moot)."""
+    with weights_only_loads(path):  # a pickle that needs more than tensors and plain containers: refused
+        try:
+            _set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            text = str(exc).strip()
+            what = text.splitlines()[0] if text else repr(exc)
+            raise MtlError(f"{path}: not an RNG state written by `mtl train` ({what})") from None

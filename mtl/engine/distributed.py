@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mtl.allocator import keep_freed_memory
+from mtl.errors import MtlError
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,15 @@ def init_distributed(timeout: timedelta | None = None) -> DistEnv:
         keep_freed_memory()  # else each step's big buffers are fresh pages (ZeRO-2's flatten: 68 vs 13 ms here)
     if not dist.is_initialized():
         extra = {"timeout": timeout} if timeout is not None else {}
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, **extra)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, **extra)
+        except dist.DistNetworkError as exc:  # torch's 44-line traceback for a port someone else holds
+            if "EADDRINUSE" not in str(exc):
+                raise
+            port, host = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+            raise MtlError(f"rendezvous port {port} on {host} is already in use (MASTER_PORT={port}): another run "
+                           "or program holds it; set MASTER_PORT to a free port, or unset it on one process "
+                           "(a free one is then picked)") from None  # fmt: skip
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

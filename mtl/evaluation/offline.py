@@ -47,6 +47,9 @@ def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | No
 def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:
     """Metrics of a labelled split ({} for an unlabelled one); files under ``out_dir``."""
     trained = load_model(checkpoint, overrides)
+    from mtl.tracking.runs import attach, check_attach  # here: `mtl predict` imports this module and needs no MLflow
+
+    check_attach(trained.cfg.tracking)  # a broken store stops here, not after the outputs are written
     root = Path(trained.cfg.data.shards)
     entry = read_manifest(root).split(split)
     loader = trained.source.eval_loader(split, rank=0, world_size=1)
@@ -71,8 +74,6 @@ def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list
         (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
         print(f"predictions, metrics and ABAW submission files written to {out_dir}")
         written = ["predictions.csv", "submission", TUNED_SUBMISSION, THRESHOLDS_FILE, "metrics.json"]
-    from mtl.tracking.runs import attach  # here: `mtl predict` imports this module and needs no MLflow
-
     where = f"eval/{split}/{_label(checkpoint)}"
     print(attach(trained.cfg.tracking, [out_dir / n for n in written], where), flush=True)
     return scores

@@ -8,7 +8,9 @@ joined in frame order, so a feature sample holds a whole video (or an equal part
 
 Work is cut into output shards by a plan that depends only on the source and the settings (recorded in
 ``.features-plan.json``); a process takes every k-th shard of it (torchrun ranks, SLURM array tasks). A shard is
-written atomically (``write_shard``), so an interrupted run resumes by skipping every ``*.tar`` it finds. Frames
+written atomically (``write_shard``) and then recorded (bytes, sha256) in its process's partial manifest
+(``.features-done.<i>-of-<k>.json``), so an interrupted run resumes by skipping the shards it finds as recorded;
+one changed since, or never recorded, is extracted again. Frames
 are encoded in batches fixed by the shard's content, so the same input gives byte-identical shards whatever the
 number of processes.
 """
@@ -50,6 +52,7 @@ from mtl.features.manifest import (
 from mtl.features.shards import FORMAT, FeatureSample, write_feature_shard
 
 PLAN_FILE = ".features-plan.json"
+DONE_PREFIX = ".features-done"  # + .<part>-of-<parts>.json: the shards a process finished (a partial manifest)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ def clear_output(out: Path) -> None:
     """What --overwrite removes: the manifest, the plan and the feature shards (nothing else in ``out``)."""
     for name in (MANIFEST, PLAN_FILE):
         (out / name).unlink(missing_ok=True)
+    for done in out.glob(f"{DONE_PREFIX}.*.json"):
+        done.unlink()
     if out.is_dir():
         for d in out.iterdir():
             if d.is_dir():
@@ -341,6 +346,42 @@ def prepare_output(out: Path, fingerprint: str, plan: list[OutShard], overwrite:
         (out / split).mkdir(exist_ok=True)
     _write_json(plan_path, {"format": FORMAT, "fingerprint": fingerprint,
                             "shards": [{"path": s.path, "videos": s.videos} for s in plan]})  # fmt: skip
+
+
+def _done_path(out: Path, part: Part) -> Path:
+    return out / f"{DONE_PREFIX}.{part.index}-of-{part.count}.json"
+
+
+def finished_records(out: Path, fingerprint: str) -> dict[str, dict]:
+    """bytes/sha256 of the shards finished under this plan: as each process recorded them once written, and as
+    the manifest of a finished extraction lists them (which replaces the partial manifests)."""
+    records: dict[str, dict] = {}
+    try:
+        for split in json.loads((out / MANIFEST).read_text())["splits"].values():
+            records.update({s["path"]: {"bytes": s["bytes"], "sha256": s["sha256"]} for s in split["shards"]})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        records = {}  # none (an unfinished extraction), or unreadable: the partial manifests still tell
+    for path in sorted(out.glob(f"{DONE_PREFIX}.*.json")):
+        try:
+            done = json.loads(path.read_text())
+            if done.get("fingerprint") == fingerprint:
+                records.update({k: {"bytes": v["bytes"], "sha256": v["sha256"]} for k, v in done["shards"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged partial manifest: its shards are extracted again
+    return records
+
+
+def shard_damage(path: Path, record: dict | None) -> str | None:
+    """Why a finished shard is not trusted (None: it is as it was written): never recorded as finished (an older
+    or a killed run), or its size or sha256 changed since."""
+    if record is None:
+        return "not recorded as finished"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"has {size} bytes, {record['bytes']} were written"
+    if file_sha256(path) != record["sha256"]:
+        return "does not match the sha256 recorded when it was written"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ one shard
@@ -489,7 +530,16 @@ def extract(
         _barrier(part)
 
     mine = [s for i, s in enumerate(plan) if i % part.count == part.index]
-    todo = [s for s in mine if not (out / s.path).is_file()]
+    records, done = finished_records(out, fingerprint), {}
+    for s in mine:
+        if (out / s.path).is_file():
+            problem = shard_damage(out / s.path, records.get(s.path))
+            if problem is None:
+                done[s.path] = records[s.path]
+            else:
+                print(f"mtl features: warning: {out / s.path}: {problem}; extracting it again", file=sys.stderr)
+    todo = [s for s in mine if s.path not in done]
+    done_path = _done_path(out, part)
     images = {s.path: sum(g.images for v in s.videos for g in source[s.split][v]) for s in mine}  # frames encoded
     total, left = sum(images.values()), sum(images[s.path] for s in todo)
     desc = "features" if part.count == 1 else f"features {part.index}/{part.count}"
@@ -503,6 +553,8 @@ def extract(
             path = out / job.path
             try:
                 write_feature_shard(path, samples)
+                done[job.path] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+                _write_json(done_path, {"format": FORMAT, "fingerprint": fingerprint, "shards": done})
             except OSError as exc:
                 why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
                 raise DataError(f"{path}: cannot write ({why}); the {len(mine) - len(todo) + todo.index(job)} "
@@ -522,6 +574,8 @@ def extract(
                 write_feature_manifest(out, result)
             except OSError as exc:
                 raise DataError(f"{out / MANIFEST}: cannot write ({exc.strerror or exc})") from None
+            for partial in out.glob(f"{DONE_PREFIX}.*.json"):  # the manifest holds every shard's record now
+                partial.unlink(missing_ok=True)
     _barrier(part)
     if part.group and part.index != 0:
         result = read_feature_manifest(out)

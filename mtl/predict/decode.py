@@ -21,7 +21,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 class Frame:
     index: int  # 0-based, in decoding order
     time_s: float
-    rgb: np.ndarray  # uint8 [h, w, 3]
+    rgb: np.ndarray | None  # uint8 [h, w, 3]; None: this frame's image does not decode (``problem`` says why)
+    problem: str | None = None
 
 
 class VideoFrames:
@@ -71,10 +72,13 @@ class FolderFrames:
         self.total: int | None = len(self.files)
 
     def __iter__(self) -> Iterator[Frame]:
+        """One undecodable file is one frame without an image (a row without a face), not the end of the folder:
+        its place in time is known from its name, and the frames around it still are predicted."""
         for i, f in enumerate(self.files):
             bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
             if bgr is None:
-                raise DataError(f"{f}: image does not decode")
+                yield Frame(i, i / self.fps, None, f"{f}: image does not decode")
+                continue
             yield Frame(i, i / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 

@@ -41,6 +41,7 @@ class InputResult:
     seconds: float
     plot: Path | None = None
     time_s: list[float] = field(default_factory=list, repr=False)
+    undecoded: list[str] = field(default_factory=list)  # frames whose image did not decode: rows without a face
 
     @property
     def frames_per_s(self) -> float:
@@ -65,6 +66,7 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
     predictor = WindowedPredictor(run.model, run.tasks, cropper.normalise, window, stride, run.device)
     writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds)
     held: dict[int, tuple[float, Box | None]] = {}
+    undecoded: list[str] = []
     times, vas, exprs, faces = [], [], [], []
 
     def emit(outputs: list[FrameOutput]) -> None:
@@ -80,22 +82,29 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
     try:
         n = 0
         for frame in source:
-            found = follower(frame.rgb)
-            held[frame.index] = (frame.time_s, found.detected)
-            crop = None if found.crop is None else cropper(frame.rgb, found.crop)
+            if frame.rgb is None:  # an image that does not decode: a row without a face
+                undecoded.append(frame.problem or f"{path}: frame {frame.index} does not decode")
+                held[frame.index], crop = (frame.time_s, None), None
+            else:
+                found = follower(frame.rgb)
+                held[frame.index] = (frame.time_s, found.detected)
+                crop = None if found.crop is None else cropper(frame.rgb, found.crop)
             emit(predictor.push(crop))
             n += 1
             bar.update()
         emit(predictor.finish())
         if n == 0:
             raise DataError(f"{path}: no frames decoded")
+        if len(undecoded) == n:
+            raise DataError(f"{path}: none of its {n} images decodes ({undecoded[0]})")
         csv_path = writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-    result = InputResult(name, csv_path, n, int(sum(faces)), time.perf_counter() - t0, time_s=times)
+    result = InputResult(name, csv_path, n, int(sum(faces)), time.perf_counter() - t0, time_s=times,
+                         undecoded=undecoded)  # fmt: skip
     if opts.plot:
         result.plot = plot_timeline(
             Path(out_dir) / f"{name}.png", name, np.array(times), np.array(vas), np.array(exprs), np.array(faces)

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtl.errors import MtlError
+from mtl.errors import MtlError, writing
 from mtl.runs.layout import COMPLETE, damage
 from mtl.runs.safe_load import weights_only_loads
 
@@ -52,7 +52,12 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, config: dict[str, A
     """Atomic write, with the resolved config in the file's metadata so the model can be rebuilt from it alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config)})
+    try:
+        with writing(path):  # a full disk: `<path>: No space left on device`, not a SafetensorError
+            save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config)})
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

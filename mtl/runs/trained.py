@@ -38,6 +38,17 @@ def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return weights, config
 
 
+def weights_mismatch(exc: RuntimeError) -> str | None:
+    """The first lines of what torch's ``load_state_dict`` says does not fit (sizes, else missing or unexpected
+    keys, shortened), or None when ``exc`` is another error."""
+    text = str(exc)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    sizes = [line for line in lines if line.startswith("size mismatch")]
+    return "; ".join(line if len(line) <= 200 else line[:200] + "…" for line in (sizes or lines)[:3]) or None
+
+
 @dataclass
 class TrainedModel:
     model: MultiTaskNet  # in eval mode, on the CPU
@@ -55,8 +66,7 @@ def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes differ: an override changed the architecture
-        mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
-        raise MtlError(f"{path}: weights do not fit the model ({'; '.join(mismatch) or exc})") from None
+        raise MtlError(f"{path}: weights do not fit the model ({weights_mismatch(exc) or exc})") from None
     if missing or unexpected:
         raise MtlError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()

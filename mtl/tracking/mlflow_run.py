@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mtl.config import TrackingConfig
+from mtl.tracking.store import check_store
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _MAX_PARAMS_PER_BATCH = 100
@@ -83,6 +84,7 @@ class Tracker:
         self._logged_to: dict[str, int] = {}  # key -> last step already in the run (a resumed run skips those)
         if not self.active:
             return
+        check_store(self.uri)  # one line naming a broken store, not SQLAlchemy's traceback
         self.client = MlflowClient(self.uri)
         if self.run_id is None:
             self.run_id = create_run(cfg, run_name or cfg.run_name, cfg.parent_run_id)

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from mtl.config import TrackingConfig
 from mtl.errors import MtlError
 from mtl.tracking.mlflow_run import create_run, resolve_uri
+from mtl.tracking.store import check_store
 
 
 def client(uri: str) -> MlflowClient:
@@ -31,6 +32,7 @@ def open_run(
     if not t.enabled:
         return None, False
     run_id = t.run_id or output_dir_run
+    check_store(t.uri, create=not run_id)
     if run_id:
         try:
             client(t.uri).get_run(run_id)
@@ -60,6 +62,13 @@ def tag_run(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
         c = client(uri)
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
+
+
+def check_attach(t: TrackingConfig) -> None:
+    """What ``attach`` will need, asked before the outputs are made: a store that is there must be usable (one
+    that is not is no error: nothing is logged)."""
+    if t.enabled and t.run_id:
+        check_store(resolve_uri(t), create=False)
 
 
 def attach(t: TrackingConfig, paths: Sequence[Path], artifact_path: str) -> str:
