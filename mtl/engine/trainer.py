@@ -26,6 +26,7 @@ from mtl.config import Config, dump_yaml, flatten, replace, to_dict
 from mtl.data.legs import Leg
 from mtl.data.manifest import read_manifest
 from mtl.engine import checkpoint as ckpt
+from mtl.engine.cpus import fit_to_cpus
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.preemption import StopFlag
@@ -370,4 +371,4 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Entry point for every launcher; see the module docstring."""
-    return Trainer(cfg).run()
+    return Trainer(fit_to_cpus(cfg)).run()
