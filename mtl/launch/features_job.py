@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.errors import MtlError
-from mtl.launch.jobs import Printer, Queued, array_id, echo, make_executor, queue, slug
+from mtl.launch.jobs import Printer, Queued, array_id, echo, queue, slug
 from mtl.launch.wait import failure, wait_all
 
 
@@ -78,10 +78,9 @@ def submit_features(
     if overwrite:
         clear_output(out)
     name = f"features-{slug(out.name, 40)}"
-    executor = make_executor(cfg, partition, name)
     payload = dataclasses.asdict(spec)
     calls = [(str(shards), str(out), payload, i, count) for i in range(count)]
-    jobs = queue(executor, FeaturesTask(), calls, array=True)
+    jobs = queue(cfg, partition, name, FeaturesTask(), calls, array=True)
     queued = [Queued(job, f"{name} task {i}", None, str(out)) for i, job in enumerate(jobs)]
     say(f"submitted job array {array_id(queued)} with {count} task(s) to partition {partition}")
     for q in queued:

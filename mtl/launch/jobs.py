@@ -100,10 +100,14 @@ def make_executor(cfg: Config, partition: str, name: str) -> Any:
     return executor
 
 
-def queue(executor: Any, fn: Callable[..., Any], calls: Sequence[tuple], *, array: bool) -> list[Any]:
-    """``fn(*call)`` for each call: one job array (``array``; its elements are ``<id>_<i>``), else one plain job
-    (one call). MtlError with sbatch's own reason when sbatch refuses."""
+def queue(
+    cfg: Config, partition: str, name: str, fn: Callable[..., Any], calls: Sequence[tuple], *, array: bool
+) -> list[Any]:
+    """``fn(*call)`` for each call, with the executor of ``cfg``'s slurm.* section: one job array (``array``; its
+    elements are ``<id>_<i>``), else one plain job (one call). MtlError with sbatch's own reason when sbatch (or
+    submitit, before it) refuses."""
     try:
+        executor = make_executor(cfg, partition, name)
         if not array:
             (call,) = calls
             return [executor.submit(fn, *call)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mtl.config import Config, replace, to_dict
 from mtl.errors import MtlError
-from mtl.launch.jobs import Printer, Queued, echo, make_executor, queue
+from mtl.launch.jobs import Printer, Queued, echo, queue
 from mtl.launch.prepare import check_inputs, existing_run_id
 from mtl.launch.slurm_request import check_request, load_for_submit, tasks_per_node
 from mtl.launch.wait import Outcome, failure, wait_all
@@ -62,9 +62,9 @@ def queue_plan(plan: Plan) -> list[Queued]:
     from mtl.launch.task import TrainTask
 
     t = plan.first.tracking
-    executor = make_executor(plan.first, plan.partition, plan.title)
     try:
-        jobs = queue(executor, TrainTask(), [(to_dict(c),) for c in plan.cfgs], array=plan.array)
+        jobs = queue(plan.first, plan.partition, plan.title, TrainTask(), [(to_dict(c),) for c in plan.cfgs],
+                     array=plan.array)  # fmt: skip
     except MtlError as exc:
         if plan.made:
             end_runs(t.uri, plan.made, "FAILED", str(exc))
