@@ -106,6 +106,14 @@ def test_submit_two_rank_deepspeed_job_completes_into_mlflow(
     assert r.data.params["slurm.tasks_per_node"] == "2" and r.data.params["train.output_dir"] == str(out)
     assert _steps(db, run_id) == list(range(1, 7))
     assert (out / "export" / "last.safetensors").is_file()
+    # each rank ran on the one CPU its task asked for (SRUN_CPUS_PER_TASK, task/affinity), torch capped to it
+    cpus = {}
+    for rank in (0, 1):
+        err = (tmp_path / "slurm" / job / f"{job}_{rank}_log.err").read_text()
+        m = re.search(rf"mtl: rank {rank}: 1 CPU\(s\) \(affinity (\d+)\), torch threads 1, data.num_workers 0", err)
+        assert m, err[-3000:]
+        cpus[rank] = m.group(1)
+    assert cpus[0] != cpus[1], cpus
 
 
 # How a running job gets told to stop: SLURM's preemption/time-limit warning (--signal=USR2@90, to every task),
@@ -216,6 +224,51 @@ def _sbatch_preempted(slurm_cluster: str, tiny_shards: Path, tmp_path: Path, **e
     wait_for_path(out / "checkpoints", "step_*/complete.json", job, timeout=180)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     return job, log
+
+
+# What a task of slurm/train.sbatch sees, run in place of `mtl slurm-train` (MTL=python probe.py).
+PROBE = """
+import json, os
+os.environ.pop("OMP_NUM_THREADS", None)  # torch's own default, then mtl's cap
+import torch
+from mtl.config import load_config
+from mtl.engine.cpus import fit_to_cpus
+cfg = fit_to_cpus(load_config(None, ["data.num_workers=8"]))
+print("probe " + json.dumps({"rank": int(os.environ["SLURM_PROCID"]), "affinity": sorted(os.sched_getaffinity(0)),
+      "threads": torch.get_num_threads(), "workers": cfg.data.num_workers, "port": int(os.environ["MASTER_PORT"]),
+      "srun_cpus": os.environ.get("SRUN_CPUS_PER_TASK")}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("tasks", "cpus"), [(2, 1), (1, 2)])
+def test_sbatch_template_task_runs_on_the_cpus_it_asked_for(
+    tasks: int, cpus: int, slurm_cluster: str, tmp_path: Path
+) -> None:
+    """Each task's CPU affinity is its --cpus-per-task CPUs (none shared), and torch's threads and the loader's
+    workers are capped at them; the rendezvous port is outside the ephemeral range."""
+    import json
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    plugin = ok(run(["scontrol", "show", "config"])).stdout
+    assert re.search(r"TaskPlugin\s*=\s*\S*task/affinity", plugin), "restart the cluster: tools/slurm-local.sh up"
+    probe, log = tmp_path / "probe.py", tmp_path / "job.out"
+    probe.write_text(PROBE)
+    env = {"MTL": f"{sys.executable} {probe}", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = ok(run(["sbatch", "--parsable", "--partition", slurm_cluster, "--gpus-per-node=0",
+                   f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}", "--time=5", f"--output={log}",
+                   str(REPO / "slurm" / "train.sbatch")], env=env))  # fmt: skip
+    job = proc.stdout.strip().split(";")[0]
+    info = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    seen = sorted((json.loads(line[len("probe ") :]) for line in text.splitlines() if line.startswith("probe ")),
+                  key=lambda r: r["rank"])  # fmt: skip
+    assert [r["rank"] for r in seen] == list(range(tasks)), text[-3000:]
+    for r in seen:
+        assert len(r["affinity"]) == cpus and r["threads"] == cpus and r["workers"] == cpus, r
+        assert r["srun_cpus"] == str(cpus) and 10000 <= r["port"] < 32768, r
+    assert len({c for r in seen for c in r["affinity"]}) == tasks * cpus  # no CPU given to two tasks
 
 
 def test_sbatch_template_runs_to_the_end_and_resumes_after_preemption(

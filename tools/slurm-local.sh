@@ -16,7 +16,9 @@
 #
 # `up` is idempotent: daemons already running with the same configuration are left alone; another node count
 # (or other settings) restarts them. The configuration is the one DESIGN.md records as working here
-# (proctrack/linuxproc, task/none, select/cons_tres, SlurmUser=root, no accounting storage).
+# (proctrack/linuxproc, select/cons_tres, SlurmUser=root, no accounting storage), with task/affinity on one node,
+# so that each task is bound to the CPUs it asked for as on a real cluster; task/none with several nodes, whose
+# slurmds all advertise the same cores (binding would put the first task of every node on CPU 0).
 # Environment:
 #   SLURM_LOCAL_DIR        state, spool and logs             (default /var/lib/mtl-slurm-local)
 #   SLURM_LOCAL_PARTITION  name of the one partition         (default debug)
@@ -170,11 +172,12 @@ write_conf() {
     if [[ -f $CONF ]] && ! grep -qF "$MARKER" "$CONF" && [[ ${SLURM_LOCAL_FORCE:-0} != 1 ]]; then
         die "$CONF exists and was not written by this script; set SLURM_LOCAL_FORCE=1 to replace it"
     fi
-    local mem_mb ctld nodes_conf part_nodes i
+    local mem_mb ctld nodes_conf part_nodes i task_plugin=task/none
     mem_mb=$(awk -v n="$NODES" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$STATE/log"
     if ((NODES == 1)); then
         ctld="SlurmctldHost=$HOST"
+        task_plugin=task/affinity # a task runs on the CPUs it was given (sched_getaffinity shows them)
         nodes_conf="SlurmdPidFile=$STATE/slurmd.pid
 SlurmdSpoolDir=$STATE/d
 SlurmdLogFile=$STATE/log/slurmd.log
@@ -208,7 +211,7 @@ StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$task_plugin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill

@@ -47,7 +47,13 @@ def export_slurm_env() -> None:
     os.environ["WORLD_SIZE"] = str(job.num_tasks)
     os.environ["LOCAL_RANK"] = str(job.local_rank)
     os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    os.environ.setdefault("MASTER_PORT", str(master_port(int(os.environ.get("SLURM_JOB_ID", "0")))))
+
+
+def master_port(job_id: int) -> int:
+    """A rendezvous port from the job id, 10000-29999: below Linux's ephemeral range (32768-60999), where the
+    outgoing connections of other programs may hold any port (as slurm/train.sbatch and `mtl submit` set it)."""
+    return 10000 + job_id % 20000
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from mtl.data.legs import Leg
 from mtl.data.manifest import LabelledSplit, read_manifest
 from mtl.data.prefetch import prefetch
 from mtl.engine import checkpoint as ckpt
+from mtl.engine.cpus import fit_to_cpus
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.preemption import StopFlag
@@ -410,4 +411,4 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Entry point for every launcher; see the module docstring."""
-    return Trainer(cfg).run()
+    return Trainer(fit_to_cpus(cfg)).run()

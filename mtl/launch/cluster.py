@@ -1,11 +1,14 @@
 """The few SLURM command-line calls the launcher needs, each turning a missing tool or a bad answer into MtlError.
 
-Job states come from ``squeue --states=all`` first (it needs no accounting database, and sees finished jobs for
-``MinJobAge`` seconds), then from ``sacct`` where a cluster has accounting.
+Job states here come from the controller, ``squeue --states=all`` (live, needs no accounting database, and sees
+finished jobs for ``MinJobAge`` seconds), then from ``sacct`` where the cluster keeps accounting. Waiting on jobs
+queued through submitit reads submitit's own watcher first (mtl.launch.wait); these are for the cases it does not
+cover: a cluster without accounting, and a job's own decision whether SLURM still has it RUNNING.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -114,21 +117,45 @@ def cancel(job_id: str) -> None:
         raise MtlError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.returncode}")
 
 
-def job_state(job_id: str) -> str | None:
-    """SLURM state of a job or array element (``123`` or ``123_4``), or None when SLURM no longer knows it."""
-    proc = _run(["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%i %T"])
-    if proc.returncode == 0:
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == job_id:
-                return parts[1]
-    proc = _run(["sacct", "--noheader", "--parsable2", "--format=JobID,State", f"--jobs={job_id}"])
-    if proc.returncode == 0:
-        for line in proc.stdout.splitlines():
+@functools.cache
+def has_accounting() -> bool:
+    """Whether ``sacct`` can answer: the cluster stores accounting (``AccountingStorageType`` is not
+    ``accounting_storage/none``; without it sacct fails with "Slurm accounting storage is disabled")."""
+    try:
+        proc = _run(["scontrol", "show", "config"])
+    except MtlError:
+        return False
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        key, _, value = line.partition("=")
+        if key.strip() == "AccountingStorageType":
+            return value.strip() not in ("", "accounting_storage/none")
+    return False
+
+
+def job_states(job_ids: list[str]) -> dict[str, str | None]:
+    """SLURM state of jobs or array elements (``123`` or ``123_4``), one squeue call for all of them; None for a
+    job SLURM no longer knows (sacct asked for those where the cluster keeps accounting)."""
+    states: dict[str, str | None] = dict.fromkeys(job_ids)
+    if not job_ids:
+        return states
+    proc = _run(["squeue", "--noheader", "--array", "--states=all", f"--jobs={','.join(job_ids)}", "--format=%i %T"])
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in states:
+            states[parts[0]] = parts[1]
+    missing = [j for j, s in states.items() if s is None]
+    if missing and has_accounting():
+        proc = _run(["sacct", "--noheader", "--parsable2", "--format=JobID,State", f"--jobs={','.join(missing)}"])
+        for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
             jid, _, state = line.partition("|")
-            if jid == job_id and state:
-                return state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-    return None
+            if jid in states and states[jid] is None and state:
+                states[jid] = state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+    return states
+
+
+def job_state(job_id: str) -> str | None:
+    """SLURM state of one job or array element, or None when SLURM no longer knows it."""
+    return job_states([job_id])[job_id]
 
 
 def sbatch(args: list[str]) -> str:

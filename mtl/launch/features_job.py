@@ -1,5 +1,5 @@
-"""`mtl features --array K`: feature extraction as one SLURM job array of K tasks, queued with `mtl submit`'s
-executor (mtl.launch.submit) and checked on the login node first.
+"""`mtl features --array K`: feature extraction as one SLURM job array of K tasks, checked on the login node
+first, then queued and waited for as `mtl submit`'s jobs are (mtl.launch.jobs, mtl.launch.wait).
 
 Task i extracts output shards i, i + K, ... of the plan; the last task to finish (every planned shard on disk)
 writes the manifest. A preempted task is requeued by submitit and resumes: finished shards are kept.
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from mtl.errors import MtlError
-from mtl.launch.submit import Printer, Queued, echo, make_executor, slug, wait_all
+from mtl.launch.jobs import Printer, Queued, array_id, echo, queue, slug
+from mtl.launch.wait import failure, wait_all
 
 
 class FeaturesTask:
@@ -77,15 +78,11 @@ def submit_features(
     if overwrite:
         clear_output(out)
     name = f"features-{slug(out.name, 40)}"
-    executor = make_executor(cfg, partition, name)
     payload = dataclasses.asdict(spec)
-    try:
-        with executor.batch():
-            jobs = [executor.submit(FeaturesTask(), str(shards), str(out), payload, i, count) for i in range(count)]
-    except Exception as exc:
-        raise MtlError(f"sbatch refused the job array: {str(exc).strip().splitlines()[-1]}") from exc
+    calls = [(str(shards), str(out), payload, i, count) for i in range(count)]
+    jobs = queue(cfg, partition, name, FeaturesTask(), calls, array=True)
     queued = [Queued(job, f"{name} task {i}", None, str(out)) for i, job in enumerate(jobs)]
-    say(f"submitted job array {queued[0].job_id.split('_')[0]} with {count} task(s) to partition {partition}")
+    say(f"submitted job array {array_id(queued)} with {count} task(s) to partition {partition}")
     for q in queued:
         say(f"  {q.job_id}  stdout {q.task0.paths.stdout}")
     say(f"  output  {out}")
@@ -94,7 +91,7 @@ def submit_features(
     outcomes = wait_all(queued, say)
     for q, o in zip(queued, outcomes):
         if not o.ok:
-            say(f"job {q.job_id} ({q.name}): {o.state}\n  " + o.detail.replace("\n", "\n  "))
+            say(failure(q, o))
     failed = sum(not o.ok for o in outcomes)
     written = (out / "manifest.json").is_file()
     say(f"features: {count - failed} of {count} task(s) completed; manifest {'written' if written else 'missing'}")

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl.config import Config, read_yaml, replace, to_dict
+from mtl.config import Config, read_yaml, replace
 from mtl.errors import ConfigError, MtlError
 from mtl.launch import prepare, slurm_request
-from mtl.launch.submit import Printer, Queued, describe, echo, last_line, make_executor, report, slug, wait_all, watch
+from mtl.launch.jobs import Printer, array_id, echo, slug
+from mtl.launch.submit import Plan, describe, follow, queue_plan
 from mtl.naming import overrides_name, to_overrides
 from mtl.runs.layout import RUN_ID_FILE
 from mtl.tracking.runs import client, end_runs, tag_run
@@ -122,19 +123,10 @@ def element_configs(sweep: Sweep, config: str | Path | None, overrides: list[str
     return cfgs
 
 
-def submit_sweep(
-    sweep_file: str | Path,
-    config: str | Path | None,
-    overrides: list[str],
-    flags: dict[str, object],
-    wait: bool = False,
-    out: Printer = echo,
-) -> int:
-    """`mtl submit --sweep FILE`: validate every element, make the runs, queue one array."""
-    from mtl.launch.task import TrainTask
+def plan_sweep(sweep: Sweep, config: str | Path | None, overrides: list[str], flags: dict) -> tuple[Plan, str | None]:
+    """Every element validated and checked, then the parent run and one child run per element: (plan, parent)."""
     from mtl.tracking.mlflow_run import create_run
 
-    sweep = read_sweep(sweep_file)
     cfgs = element_configs(sweep, config, overrides, flags)
     first = cfgs[0]
     partition = slurm_request.check_request(first)
@@ -146,53 +138,58 @@ def submit_sweep(
                 f"{cfg.train.output_dir} already holds a run (its {RUN_ID_FILE} file): a sweep starts fresh "
                 "runs; set another train.output_dir in the sweep's base or on the command line"
             )
-
     t = first.tracking
     names = [element_name(el) for el in sweep.elements]
-    made: list[str] = []
+    plan = Plan([], names, partition, sweep.name, array=True)
     parent_id = None
-    if t.enabled:
-        parent_id = create_run(
-            t, run_name=sweep.name, tags={"mtl.sweep": str(sweep.path), "mtl.sweep.size": str(len(cfgs))}
-        )
-        made.append(parent_id)
     try:
-        payloads = []
+        if t.enabled:
+            parent_id = create_run(
+                t, run_name=sweep.name, tags={"mtl.sweep": str(sweep.path), "mtl.sweep.size": str(len(cfgs))}
+            )
+            plan.made.append(parent_id)
         for cfg, name in zip(cfgs, names):
             run_id = None
             if t.enabled:
                 run_id = create_run(t, run_name=name, parent_run_id=parent_id, tags={"mtl.sweep.overrides": name})
-                made.append(run_id)
-            payloads.append(to_dict(replace(cfg, tracking=replace(cfg.tracking, run_id=run_id, run_name=name))))
-        executor = make_executor(first, partition, sweep.name)
-        with executor.batch():
-            jobs = [executor.submit(TrainTask(), p) for p in payloads]
+                plan.made.append(run_id)
+            plan.cfgs.append(replace(cfg, tracking=replace(cfg.tracking, run_id=run_id, run_name=name)))
     except Exception as exc:
-        error = exc if isinstance(exc, MtlError) else MtlError(f"sbatch refused the job array: {last_line(exc)}")
-        end_runs(t.uri, made, "FAILED", str(error))
+        error = (
+            exc
+            if isinstance(exc, MtlError)
+            else MtlError(f"could not make the sweep's MLflow runs in {t.uri}: {str(exc).strip().splitlines()[0]}")
+        )
+        end_runs(t.uri, plan.made, "FAILED", str(error))
         raise error from exc
-    queued = [
-        Queued(job, name, p["tracking"]["run_id"], p["train"]["output_dir"], t.uri)
-        for job, name, p in zip(jobs, names, payloads)
-    ]
-    array_id = queued[0].job_id.split("_")[0]
+    return plan, parent_id
+
+
+def submit_sweep(
+    sweep_file: str | Path,
+    config: str | Path | None,
+    overrides: list[str],
+    flags: dict[str, object],
+    wait: bool = False,
+    out: Printer = echo,
+) -> int:
+    """`mtl submit --sweep FILE`: validate every element, make the runs, queue one array."""
+    sweep = read_sweep(sweep_file)
+    plan, parent_id = plan_sweep(sweep, config, overrides, flags)
+    queued = queue_plan(plan)
+    t, array = plan.first.tracking, array_id(queued)
     if parent_id:
-        tag_run(t.uri, parent_id, {"submit.job_id": array_id})
+        tag_run(t.uri, parent_id, {"submit.job_id": array})
         client(t.uri).set_terminated(parent_id, "FINISHED")  # it groups the children; their states are the truth
-    for q in queued:
-        tag_run(t.uri, q.run_id, {"submit.job_id": q.job_id, "submit.stdout": str(q.task0.paths.stdout)})
-    out(f"submitted job array {array_id} with {len(queued)} element(s) ({describe(first, partition)})")
+    out(f"submitted job array {array} with {len(queued)} element(s) ({describe(plan.first, plan.partition)})")
     if parent_id:
         out(f"  mlflow  parent run {parent_id} '{sweep.name}' (experiment '{t.experiment}') in {t.uri}")
     for q in queued:
         out(f"  {q.job_id}  run {q.run_id}  {q.name}")
         out(f"      stdout {q.task0.paths.stdout}")
-    watch(first, queued, partition, out)
-    if not wait:
+    outcomes = follow(plan, queued, wait, out)
+    if outcomes is None:
         return 0
-    outcomes = wait_all(queued, out)
-    for q, o in zip(queued, outcomes):
-        report(q, o, out)
     failed = sum(not o.ok for o in outcomes)
     if failed and parent_id:
         client(t.uri).set_terminated(parent_id, "FAILED")
