@@ -28,7 +28,7 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
 
     base = (base or Path.cwd()).resolve()
     resume = cfg.train.resume
-    if resume not in ("auto", "never"):
+    if resume not in ("auto", "never", "force"):
         resume = _abs(resume, base)
     return replace(
         cfg,
