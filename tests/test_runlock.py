@@ -271,3 +271,21 @@ def test_two_ranks_share_one_owner(tiny_shards: Path, tmp_path: Path) -> None:
     assert refused.returncode != 0
     assert refused.stderr.count("in use by pid 1 on host elsewhere, SLURM job 99") == 2, refused.stderr[-3000:]
     assert not (out / "checkpoints").exists()  # (a 2-rank training that owns its folder: tests/test_resume.py)
+
+
+def test_submit_refuses_on_the_login_node_what_the_job_would_refuse(tmp_path: Path) -> None:
+    """`mtl submit` checks the resume (it takes no lock: the job does), so a changed experiment is not queued."""
+    from mtl.config import to_dict
+    from mtl.engine.checkpoint import TrainState
+    from mtl.launch.prepare import absolutize, check_inputs
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    keys = [f"data.shards={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}"]
+    tag_dir = tmp_path / "run" / layout.CHECKPOINTS / layout.tag_for(2)
+    tag_dir.mkdir(parents=True)
+    layout.write_marker(tag_dir, TrainState(step=2, config=to_dict(load_config(SMOKE, keys))).to_dict())
+    with pytest.raises(MtlError, match=r"optim.lr 0.001 -> 0.005; .*train.resume=force"):
+        check_inputs(absolutize(load_config(SMOKE, [*keys, "optim.lr=5e-3", "train.max_steps=9"])))
+    check_inputs(absolutize(load_config(SMOKE, [*keys, "optim.lr=5e-3", "train.resume=force"])))
+    assert not RunDir(tmp_path / "run").lock_file.exists()
