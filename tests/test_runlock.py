@@ -66,6 +66,7 @@ def test_second_owner_is_refused_naming_the_holder(tmp_path: Path) -> None:
         ({"pid": "dead"}, "has ended"),
         ({"host": "elsewhere", "renewed": time.time() - lock.LEASE_S - 5}, "lease was last renewed"),
         ({"host": "elsewhere", "slurm_job": "4242"}, "SLURM job 4242 starts again"),
+        ({"host": "elsewhere", "elastic_run": "r7"}, "torchrun job r7 restarted its workers"),
         ({"boot_id": "another-boot"}, "rebooted"),
         ({"pid": "self"}, "earlier training of this process"),
         ({"garbage": True}, "unreadable"),
@@ -79,6 +80,8 @@ def test_stale_lock_is_taken_over(fields: dict, why: str, tmp_path: Path, monkey
         fields["pid"] = os.getpid()
     if "slurm_job" in fields:
         monkeypatch.setenv("SLURM_JOB_ID", fields["slurm_job"])
+    if "elastic_run" in fields:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", fields["elastic_run"])
     if "boot_id" in fields and lock.Holder.this_process().boot_id is None:
         pytest.skip("no /proc boot id here")
     if "garbage" in fields:
