@@ -228,9 +228,9 @@ def test_resume_takes_settings_refuses_another_experiment_unless_forced(tiny_sha
         "train",
         "--config",
         str(SMOKE),
-        *smoke_overrides(tiny_shards, out, db, "train.max_steps=4", "optim.lr=5e-3", "loss.focal_gamma=1"),
+        *smoke_overrides(tiny_shards, out, db, "train.max_steps=4", "optim.lr=5e-3", "model.mask.prob=0.5"),
     )
-    _one_line_error(refused, "optim.lr 0.001 -> 0.005", "loss.focal_gamma 2.0 -> 1.0", "train.resume=force")
+    _one_line_error(refused, "optim.lr 0.001 -> 0.005", "model.mask.prob 0.25 -> 0.5", "train.resume=force")
     assert "train.max_steps" not in refused.stderr.splitlines()[-1], "a setting is no reason to refuse"
     assert _snapshot(out) == before, "the refused resume wrote into the run folder"
     assert not out.joinpath(layout.LOCK_FILE).exists(), "a refused start releases the folder"

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mtl.config import Config, flatten, to_dict
+from mtl.config import Config, flatten, from_dict, to_dict
 from mtl.errors import MtlError
 from mtl.runs.layout import RunDir
 
@@ -123,10 +123,19 @@ def _defaults() -> dict[str, Any]:
     return flatten(Config())
 
 
+def _as_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config read as this version reads it (keys moved since at their new place, new keys at their
+    defaults); as saved when this version cannot read it (then its keys are compared as they are)."""
+    try:
+        return to_dict(from_dict(saved))
+    except MtlError:
+        return saved
+
+
 def compare(saved: dict[str, Any], cfg: Config, tag: str) -> ResumeChanges:
     """Every key whose value differs between a checkpoint's resolved config and ``cfg``. A key one side lacks
-    (a config from another version of mtl) counts as its default."""
-    before, after, defaults = flatten(saved), flatten(to_dict(cfg)), _defaults()
+    counts as its default."""
+    before, after, defaults = flatten(_as_now(saved)), flatten(to_dict(cfg)), _defaults()
     changes = []
     for key in sorted(before.keys() | after.keys()):
         kind = kind_of(key)
