@@ -56,12 +56,12 @@ kill_save_from = int(sys.argv[1])  # SIGKILL inside the first save at or after t
 kill_rank = int(sys.argv[2])  # ... of this rank (-1: every rank)
 rank = int(os.environ.get("RANK", "0"))
 real_micro, real_save, real_rng, saving = tm.Trainer._micro_step, ckpt.save, ckpt._rng_state, [0]
-print(f"PID {rank} {os.getpid()}", flush=True)
+print(f"PID {rank} {os.getpid()}\n", end="", flush=True)  # one write: the ranks share torchrun's stdout
 
 def micro(self, batch):
     stepped = real_micro(self, batch)
     if stepped and rank == 0:
-        print(f"STEP {self.state.step}", flush=True)
+        print(f"STEP {self.state.step}\n", end="", flush=True)
     return stepped
 
 def save(engine, ckpt_dir, state, *a, **k):
@@ -108,12 +108,11 @@ class Child:
         threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
 
     def _follow(self) -> None:
-        for line in self.proc.stdout:
+        for line in self.proc.stdout:  # the ranks' lines may still meet on one line
             self.lines.append(line)
-            if line.startswith("STEP "):
-                self.step = int(line.split()[1])
-            elif line.startswith("PID "):
-                _, rank, pid = line.split()
+            for step in re.findall(r"STEP (\d+)", line):
+                self.step = int(step)
+            for rank, pid in re.findall(r"PID (\d+) (\d+)", line):
                 self.pids[int(rank)] = int(pid)
 
     def wait(self, timeout: float = 900) -> int:
