@@ -56,12 +56,12 @@ kill_save_from = int(sys.argv[1])  # SIGKILL inside the first save at or after t
 kill_rank = int(sys.argv[2])  # ... of this rank (-1: every rank)
 rank = int(os.environ.get("RANK", "0"))
 real_micro, real_save, real_rng, saving = tm.Trainer._micro_step, ckpt.save, ckpt._rng_state, [0]
-print(f"PID {rank} {os.getpid()}\n", end="", flush=True)  # one write: the ranks share torchrun's stdout
+print(f"PID {rank} {os.getpid()}\\n", end="", flush=True)  # one write: the ranks share torchrun's stdout
 
 def micro(self, batch):
     stepped = real_micro(self, batch)
     if stepped and rank == 0:
-        print(f"STEP {self.state.step}\n", end="", flush=True)
+        print(f"STEP {self.state.step}\\n", end="", flush=True)
     return stepped
 
 def save(engine, ckpt_dir, state, *a, **k):
