@@ -179,7 +179,9 @@ class TrainConfig(_Section):
     ckpt_every: Int = Field(500, ge=1)
     keep_last: Int = Field(2, ge=1)
     log_every: Int = Field(10, ge=1)  # also when a stop signal (preemption) and non-finite losses are checked
-    resume: Str = "auto"  # auto | never | a checkpoint directory
+    # auto | never | force | a checkpoint directory. A resume takes changed settings (mtl.runs.resume_changes)
+    # but refuses changes that make another experiment (model, data, loss, optim...) unless `force`
+    resume: Str = "auto"
     max_bad_steps: Int = Field(20, ge=1)  # consecutive non-finite losses before the run stops
     seed: Int = 0
     progress: Bool = True

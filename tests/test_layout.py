@@ -148,7 +148,8 @@ def test_submit_checks_the_resume_the_job_would_take(tmp_path: Path) -> None:
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text("{}")
     base = [f"data.shards={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'out'}"]
-    saved(tmp_path / "old", 5)
+    tag_dir = saved(tmp_path / "old", 5)  # with the config it was trained with: a resume changes no experiment
+    layout.write_marker(tag_dir, TrainState(step=5, config=to_dict(load_for_submit(SMOKE, base, {}))).to_dict())
     prepare.check_inputs(load_for_submit(SMOKE, [*base, f"train.resume={tmp_path / 'old'}"], {}))
     (tmp_path / "empty").mkdir()
     for resume, message in (("nope", "no such checkpoint directory"), ("empty", "no complete checkpoint found there")):

@@ -11,10 +11,20 @@ train.ckpt_every; a stop signal saves at the end of its step, so it loses none),
 weights and every logged metric history (train and validation, step by step, in MLflow) equal the uninterrupted
 run's.
 
+With ``--nproc 2`` every start is a 2-rank torchrun, and each kill hits rank 0, rank 1 or both (the other rank
+is then stopped by torchrun); the uninterrupted run is a 2-rank run too.
+
+Two faults of another kind are tried on the way, and count as survived when the folder's owner and its history are
+untouched: a second `mtl train` started on the same folder while one trains (refused in one line naming the
+holder: run.lock), and a resume with a changed experiment key (refused in one line naming the key and both
+values); one round also resumes with a changed setting (train.keep_last), which is taken.
+
     python tools/chaos.py --kills 8          # JSON on stdout and in bench-results/chaos.json
+    python tools/chaos.py --nproc 2 --kills 5 --max-steps 24
 
 The children run `mtl train` through a small wrapper that prints `STEP n` after each optimizer step (how far a
-killed run got) and, for the in-save kill, kills itself inside ``checkpoint.save``. Progress goes to stderr.
+killed run got), `PID rank pid` at the start, and, for the in-save kill, kills itself (the chosen rank, or every
+rank) inside ``checkpoint.save``. Progress goes to stderr; the last line on stdout is the summary.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,12 +53,15 @@ from mtl.engine import checkpoint as ckpt, trainer as tm
 from mtl.cli import main
 
 kill_save_from = int(sys.argv[1])  # SIGKILL inside the first save at or after this step (0: never)
+kill_rank = int(sys.argv[2])  # ... of this rank (-1: every rank)
+rank = int(os.environ.get("RANK", "0"))
 real_micro, real_save, real_rng, saving = tm.Trainer._micro_step, ckpt.save, ckpt._rng_state, [0]
+print(f"PID {rank} {os.getpid()}\\n", end="", flush=True)  # one write: the ranks share torchrun's stdout
 
 def micro(self, batch):
     stepped = real_micro(self, batch)
-    if stepped:
-        print(f"STEP {self.state.step}", flush=True)
+    if stepped and rank == 0:
+        print(f"STEP {self.state.step}\\n", end="", flush=True)
     return stepped
 
 def save(engine, ckpt_dir, state, *a, **k):
@@ -55,12 +69,12 @@ def save(engine, ckpt_dir, state, *a, **k):
     return real_save(engine, ckpt_dir, state, *a, **k)
 
 def rng_state():  # runs inside save: DeepSpeed's files written, the marker not yet
-    if kill_save_from and saving[0] >= kill_save_from:
+    if kill_save_from and saving[0] >= kill_save_from and kill_rank in (-1, rank):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_rng()
 
 tm.Trainer._micro_step, ckpt.save, ckpt._rng_state = micro, save, rng_state
-sys.exit(main(["train", *sys.argv[2:]]))
+sys.exit(main(["train", *sys.argv[3:]]))
 """
 
 
@@ -75,31 +89,91 @@ def _env() -> dict[str, str]:
 
 
 class Child:
-    """One `mtl train` process; its `STEP n` lines are followed on a thread."""
+    """One `mtl train` (torchrun when ``nproc`` > 1); its `STEP n` and `PID rank pid` lines followed on a thread."""
 
-    def __init__(self, args: list[str], kill_in_save_from: int = 0):
+    def __init__(self, args: list[str], nproc: int = 1, kill_in_save_from: int = 0, kill_rank: int = -1):
+        script = Path(tempfile.gettempdir()) / f"mtl-chaos-child-{os.getpid()}.py"
+        script.write_text(CHILD)
+        launch = [sys.executable]
+        if nproc > 1:
+            from mtl.engine.distributed import free_port
+
+            launch += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(kill_in_save_from), *args],
+            [*launch, str(script), str(kill_in_save_from), str(kill_rank), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
         )  # fmt: skip
-        self.step, self.lines, self.err = None, [], []
+        self.nproc, self.step, self.pids, self.lines, self.err = nproc, None, {}, [], []
         threading.Thread(target=self._follow, daemon=True).start()
         threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
 
     def _follow(self) -> None:
-        for line in self.proc.stdout:
+        for line in self.proc.stdout:  # the ranks' lines may still meet on one line
             self.lines.append(line)
-            if line.startswith("STEP "):
-                self.step = int(line.split()[1])
+            for step in re.findall(r"STEP (\d+)", line):
+                self.step = int(step)
+            for rank, pid in re.findall(r"PID (\d+) (\d+)", line):
+                self.pids[int(rank)] = int(pid)
 
     def wait(self, timeout: float = 900) -> int:
         rc = self.proc.wait(timeout)
         time.sleep(0.2)  # let the reader threads drain the pipes
         return rc
 
+    def exit_code(self) -> int:
+        """The process's status; under torchrun, that of the first rank that failed (torchrun itself says 1)."""
+        rc = self.proc.returncode
+        if self.nproc == 1 or rc == 0:
+            return rc
+        found = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", "".join(self.err), re.S)
+        return int(found.group(1)) if found else rc
+
+    def signal(self, sig: int, ranks: list[int]) -> None:
+        for rank in ranks:
+            if rank in self.pids:
+                try:
+                    os.kill(self.pids[rank], sig)
+                except ProcessLookupError:
+                    pass
+
     def scores(self) -> dict[str, float]:
         last = [line for line in self.lines if line.startswith("{")]
         return json.loads(last[-1]) if last else {}
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> bool:
+    """Refused as a user's mistake: exit 2, no traceback, one `error:` line holding every word."""
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    return (proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1
+            and all(w in lines[0] for w in words))  # fmt: skip
+
+
+def intrude(shards: Path, out: Path, a: argparse.Namespace, owner: Child) -> dict[str, Any]:
+    """A second `mtl train` on the folder ``owner`` trains in: refused naming the owner, which trains on."""
+    from mtl.runs.layout import RunDir
+
+    lock = RunDir(out).lock_file
+    held = lock.read_text() if lock.is_file() else None
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli", "train", *train_args(shards, out, a)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)  # fmt: skip
+    ok = one_error_line(proc, "in use by", f"pid {owner.pids.get(0)}") and owner.proc.poll() is None
+    ok = ok and held is not None and lock.read_text() == held
+    _log(f"fault: a second start on the same folder: {'refused' if ok else 'NOT refused as expected'}")
+    return {"kind": "concurrent_start", "survived": ok, "exit": proc.returncode,
+            "error": proc.stderr.strip().splitlines()[-1:] }  # fmt: skip
+
+
+def changed_experiment(shards: Path, out: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """A resume with another optim.lr: refused naming the key and both values, nothing written."""
+    before = latest_step(out)
+    args = [*train_args(shards, out, a), "optim.lr=0.0123"]
+    proc = subprocess.run([sys.executable, "-m", "mtl.cli", "train", *args],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)  # fmt: skip
+    ok = one_error_line(proc, "optim.lr 0.001 -> 0.0123", "train.resume=force")
+    ok = ok and latest_step(out) == before
+    _log(f"fault: a resume with a changed experiment key: {'refused' if ok else 'NOT refused as expected'}")
+    return {"kind": "changed_experiment", "survived": ok, "exit": proc.returncode, "resumable_from": before,
+            "error": proc.stderr.strip().splitlines()[-1:]}  # fmt: skip
 
 
 def make_data(work: Path) -> Path:
@@ -149,45 +223,66 @@ def chaos(a: argparse.Namespace) -> dict[str, Any]:
             if p.exists():
                 subprocess.run(["rm", "-rf", str(p)], check=True)
 
-    _log("the uninterrupted run")
+    _log(f"the uninterrupted run ({a.nproc} rank(s))")
     t0 = time.time()
-    whole = Child(train_args(shards, work / "whole", a))
+    whole = Child(train_args(shards, work / "whole", a), a.nproc)
     if whole.wait() != 0:
         raise SystemExit("".join(whole.err)[-3000:])
     whole_s = time.time() - t0
 
-    out, kills = work / "chaos", []
+    out, kills, faults = work / "chaos", [], []
     kinds = [KINDS[i % len(KINDS)] for i in range(a.kills)]  # every kind, once N >= 5, in a random order
     rng.shuffle(kinds)
+    setting_round = 1 if a.kills > 1 else None  # this round resumes with a changed setting (taken)
     for i, kind in enumerate(kinds):
         resumed = latest_step(out)
         if resumed >= a.max_steps - 2:
             _log("too close to the end for another kill")
             break
+        if resumed > 0 and not any(f["kind"] == "changed_experiment" for f in faults):
+            faults.append(changed_experiment(shards, out, a))
+        ranks = [0] if a.nproc == 1 else rng.choice([[0], [1], list(range(a.nproc))])
         target = rng.randint(resumed + 1, min(a.max_steps - 2, resumed + a.ckpt_every + 1))
         if kind == "kill_in_save":
             target = max(target, (resumed // a.ckpt_every + 1) * a.ckpt_every)  # a step that saves
-        child = Child(train_args(shards, out, a), kill_in_save_from=target if kind == "kill_in_save" else 0)
+        args = train_args(shards, out, a) + (["train.keep_last=3"] if i == setting_round else [])
+        in_save = target if kind == "kill_in_save" else 0
+        child = Child(args, a.nproc, kill_in_save_from=in_save, kill_rank=ranks[0] if len(ranks) == 1 else -1)
+        if i == 0:  # while it trains (frozen meanwhile, so its steps stay where they are), another start
+            while child.proc.poll() is None and (child.step is None or len(child.pids) < a.nproc):
+                time.sleep(0.05)
+            child.signal(signal.SIGSTOP, list(child.pids))
+            faults.append(intrude(shards, out, a, child))
+            child.signal(signal.SIGCONT, list(child.pids))
         if kind != "kill_in_save":
             while child.proc.poll() is None and (child.step or 0) < target:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0, 0.3))  # somewhere inside the next step
             if child.proc.poll() is None:
-                child.proc.send_signal(getattr(signal, kind))
+                child.signal(getattr(signal, kind), ranks)
         rc = child.wait()
+        code = child.exit_code()
         reached = child.step or resumed
         saved = latest_step(out)
-        expected = -signal.SIGKILL if kind in ("SIGKILL", "kill_in_save") else 3
-        kills.append({"kind": kind, "at_step": reached, "resumed_from": resumed, "exit": rc,
-                      "exit_expected": rc == expected, "checkpoint_after": saved})  # fmt: skip
-        _log(f"kill {i + 1}/{a.kills}: {kind} at step {reached} (resumed from {resumed}), exit {rc}, "
+        if kind in ("SIGKILL", "kill_in_save"):  # under torchrun the first failure may be the other rank's
+            expected = code == -signal.SIGKILL if a.nproc == 1 else code not in (0, 3)
+        else:  # a stop signal: every rank saves at the end of the step, and exits as preempted
+            expected = code == 3 and saved == reached
+        victims = "the process" if a.nproc == 1 else ("both ranks" if len(ranks) > 1 else f"rank {ranks[0]}")
+        kills.append({"kind": kind, "ranks": ranks, "at_step": reached, "resumed_from": resumed, "exit": code,
+                      "exit_expected": expected, "checkpoint_after": saved})  # fmt: skip
+        _log(f"kill {i + 1}/{a.kills}: {kind} to {victims} at step {reached} (resumed from {resumed}), exit {code}, "
              f"latest checkpoint {saved}")  # fmt: skip
+        if i == setting_round:
+            said = "with changed settings: train.keep_last 2 -> 3" in "".join(child.err) or resumed == 0
+            faults.append({"kind": "changed_setting", "survived": said and reached > resumed})
+            _log(f"fault: a resume with a changed setting: {'taken and said' if said else 'NOT said'}")
         if rc == 0:
             _log("the run completed before it could be killed")
             break
 
     _log("resumed to the end")
-    final = Child(train_args(shards, out, a))
+    final = Child(train_args(shards, out, a), a.nproc)
     if final.wait() != 0:
         raise SystemExit("".join(final.err)[-3000:])
     # A kill survived: the next start resumed from the newest complete checkpoint (never older than before it).
@@ -199,7 +294,12 @@ def chaos(a: argparse.Namespace) -> dict[str, Any]:
     logged, logged_whole = metrics_of(out), metrics_of(work / "whole")
     differ = sorted(k for k in logged.keys() | logged_whole.keys() if logged.get(k) != logged_whole.get(k))
     lost = [k["steps_lost"] for k in kills]
+    whole_equal = not differ and bool(logged) and equal
+    tried = kills + faults
     return {
+        "nproc": a.nproc,
+        "faults_tried": len(tried),
+        "faults_nothing_lost": sum(f["survived"] and whole_equal for f in tried),
         "kills": len(kills),
         "kills_survived": sum(k["survived"] for k in kills),
         "by_kind": {kind: sum(k["kind"] == kind for k in kills) for kind in KINDS},
@@ -216,6 +316,7 @@ def chaos(a: argparse.Namespace) -> dict[str, Any]:
         "weights_max_abs_diff": max_diff,
         "uninterrupted_s": round(whole_s, 1),
         "kill_log": kills,
+        "other_faults": faults,
         "workdir": str(work),
         "load_avg": os.getloadavg()[0],
     }
@@ -246,6 +347,7 @@ def main() -> int:
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1, help="ranks of every start (torchrun when > 1)")
     p.add_argument("--workdir", help="where data and runs go (default: a new temporary directory)")
     p.add_argument("--out", default=str(REPO / "bench-results" / "chaos.json"))
     a = p.parse_args()
@@ -254,7 +356,11 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text + "\n")
     print(text)
-    return 0 if result["kills_survived"] == result["kills"] and result["metrics_equal"] else 1
+    print(f"chaos: {result['faults_tried']} faults tried ({result['kills']} kills on {a.nproc} rank(s), "
+          f"{result['faults_tried'] - result['kills']} others), {result['faults_nothing_lost']} ended with nothing "
+          f"lost; weights bitwise equal: {result['weights_bitwise_equal']}, metric histories equal: "
+          f"{result['metrics_equal']}")  # fmt: skip
+    return 0 if result["faults_nothing_lost"] == result["faults_tried"] else 1
 
 
 if __name__ == "__main__":

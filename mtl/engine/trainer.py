@@ -32,6 +32,7 @@ from mtl.engine.cpus import fit_to_cpus
 from mtl.engine.distributed import DistEnv, any_rank, barrier, broadcast_object, init_distributed
 from mtl.engine.ds_config import resolve_zero_stage
 from mtl.engine.preemption import StopFlag
+from mtl.engine.start import own_run_dir, resume_changes, take_changes
 from mtl.engine.step import build_engine
 from mtl.errors import MtlError
 from mtl.evaluation.evaluate import evaluate
@@ -130,10 +131,20 @@ class Trainer:
         _seed_everything(cfg.train.seed + self.env.rank)
         self.run_dir = RunDir(Path(cfg.train.output_dir).resolve())
         self.out = self.run_dir.root
+        self.owner = own_run_dir(self.env, self.run_dir)  # before anything is written in it
+        try:
+            self._open()
+        except BaseException:
+            self.owner.release()
+            raise
+
+    def _open(self) -> None:
+        cfg = self.cfg
         if self.env.is_main:
             self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         barrier()
         resume_from = self._resume_point()
+        self.changes = resume_changes(self.env, cfg, resume_from)  # another experiment refused before any model
         self.manifest = read_manifest(cfg.data.shards)
         splits = self.manifest.splits
         if cfg.data.train_split not in splits:
@@ -154,6 +165,8 @@ class Trainer:
         self.resumed_from = resume_from.tag if resume_from else None
         if resume_from is not None:
             self.state = ckpt.load(self.engine.ds, resume_from.root, resume_from.tag, self.env.rank, universal)
+            take_changes(self.env, self.changes, self.engine.ds, cfg, self.run_dir)
+            self.state.config = to_dict(cfg)  # what the next resume compares with
         self._record_setup()
         self.tracker = self._open_tracker()
         self.stop = StopFlag()
@@ -236,6 +249,7 @@ class Trainer:
             tags["slurm_job_ids"] = os.environ["SLURM_JOB_ID"]
         if self.resumed_from:
             tags["resumed_from"] = self.resumed_from
+        tags.update(self.changes.tags())
         tracker.set_tags(tags)
         if not tracker.resumed:
             tracker.log_params({**flatten(self.cfg), **self.source.params()})
@@ -398,6 +412,7 @@ class Trainer:
             status = self._train()
             if status == "completed":
                 self._export()
+            self.tracker.end("KILLED" if status == "preempted" else "FINISHED")
         except BaseException:
             self.tracker.end("FAILED")
             raise
@@ -405,7 +420,7 @@ class Trainer:
             self.bar.close()
             self.stop.uninstall()
             self.source.close()
-        self.tracker.end("KILLED" if status == "preempted" else "FINISHED")
+            self.owner.release()  # on every way out; after the MLflow run's end, which the next owner reopens
         return TrainResult(status, self.state.step, self.tracker.run_id, str(self.out), self.last_scores)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from mtl.config import Config, replace
 from mtl.errors import ConfigError, MtlError
 from mtl.runs.layout import RunDir, resume_point
+from mtl.runs.resume_changes import check as check_resume
 
 
 def _abs(path: str | None, base: Path) -> str | None:
@@ -28,7 +29,7 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
 
     base = (base or Path.cwd()).resolve()
     resume = cfg.train.resume
-    if resume not in ("auto", "never"):
+    if resume not in ("auto", "never", "force"):
         resume = _abs(resume, base)
     return replace(
         cfg,
@@ -52,7 +53,9 @@ def check_inputs(cfg: Config) -> None:
         check_sources(cfg.data.features, cfg.data.shards)
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
         raise MtlError(f"model.pretrained_file={cfg.model.pretrained_file}: file not found")
-    resume_point(cfg.train.resume, RunDir(Path(cfg.train.output_dir)))  # what the job would resume from
+    found = resume_point(cfg.train.resume, RunDir(Path(cfg.train.output_dir)))  # what the job would resume from
+    if found is not None and found.state().get("config"):  # a resume that would be refused: refused here, not queued
+        check_resume(found.state()["config"], cfg, found.dir, found.tag)
     import timm
 
     if not timm.is_model(cfg.model.backbone):

@@ -4,7 +4,9 @@
 it on the login node, so this module imports no torch. Loading the weights it points at is
 :mod:`mtl.runs.trained`'s job; saving a checkpoint collectively is :mod:`mtl.engine.checkpoint`'s.
 
+    <output_dir>/run.lock                          who trains in it now (host, pid, SLURM job, lease): mtl.runs.lock
     <output_dir>/mlflow_run_id                     the MLflow run, written before the first checkpoint exists
+    <output_dir>/config_changes.jsonl              settings a resume changed, one line per resume that changed any
     <output_dir>/checkpoints/step_NNNNNNNN/        one DeepSpeed checkpoint; counts once complete.json is in it
                                                    (which records every file's size and sha256: ``damage``)
     <output_dir>/export/{last,best}.safetensors    consolidated fp32 weights, resolved config in the metadata
@@ -24,6 +26,8 @@ from typing import Any
 from mtl.errors import MtlError
 
 RUN_ID_FILE = "mlflow_run_id"
+LOCK_FILE = "run.lock"
+CHANGES_FILE = "config_changes.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 COMPLETE = "complete.json"  # written last, by rank 0, once every rank has saved its part
@@ -150,6 +154,14 @@ class RunDir:
         return self.exports / f"{which}{WEIGHTS_SUFFIX}"
 
     @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def changes_file(self) -> Path:
+        return self.root / CHANGES_FILE
+
+    @property
     def run_id_file(self) -> Path:
         return self.root / RUN_ID_FILE
 
@@ -191,14 +203,15 @@ def _in_dir(path: Path) -> Checkpoint | None:
 
 
 def resume_point(resume: str, run: RunDir, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
-    """Where training continues from (None: from scratch), for train.resume = auto | never | a directory.
+    """Where training continues from (None: from scratch), for train.resume = auto | force | never | a directory.
+    ``force`` resumes as ``auto`` does; it only lets the resume change settings that make another experiment.
 
     With ``warn`` (training, on one rank), train.resume=auto skips damaged checkpoints (see ``newest_intact``).
     """
     if resume == "never":
         run.require_no_checkpoints()
         return None
-    if resume == "auto":
+    if resume in ("auto", "force"):
         return run.latest(warn)
     path = Path(resume)
     if not path.exists():
