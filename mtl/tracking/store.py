@@ -21,10 +21,14 @@ def sqlite_file(uri: str) -> Path | None:
 
 def check_store(uri: str, create: bool = True) -> None:
     """Raise an MtlError naming ``uri`` unless MLflow can read and write it. ``create``: a store not there yet is
-    made (as `mtl train` would); else it is left absent and passes (`mtl eval` then logs nothing)."""
+    to be made (as `mtl train` would): its folder must be writable; else it may be absent (`mtl eval` then logs
+    nothing). Either way a store not there yet is not made here: the check writes nothing (a start refused later,
+    for a run folder in use, leaves no store behind)."""
     path = sqlite_file(uri)
     if path is not None:
-        if not path.exists() and not create:
+        if not path.exists():
+            if create:
+                _check_sqlite(uri, path)
             return
         _check_sqlite(uri, path)
     from mlflow.tracking import MlflowClient
