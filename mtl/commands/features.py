@@ -60,13 +60,18 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Every frame with an image of every split, through a frame encoder, into WebDataset feature shards with the "
+    "source's per-frame ids, labels and masks, and a manifest.json. Runs on one process, under torchrun (ranks share "
+    "the shards), or as a SLURM job array (--array K). Rerun the same command to resume."
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "features",
         help="cache per-frame features of packed shards (any timm backbone, or a trained run's)",
-        description="Every frame with an image of every split, through a frame encoder, into WebDataset feature "
-        "shards with the source's per-frame ids, labels and masks, and a manifest.json. Runs on one process, under "
-        "torchrun (ranks share the shards), or as a SLURM job array (--array K). Rerun the same command to resume.",
+        description=DESCRIPTION,
     )
     p.add_argument("--shards", required=True, help="a folder written by `mtl pack`")
     p.add_argument("--out", required=True, help="the feature cache folder to write")

@@ -170,8 +170,9 @@ def submit_sweep(
     config: str | Path | None,
     overrides: list[str],
     flags: dict[str, object],
-    wait: bool = False,
+    *,
     out: Printer = echo,
+    wait: bool = False,
 ) -> int:
     """`mtl submit --sweep FILE`: validate every element, make the runs, queue one array."""
     sweep = read_sweep(sweep_file)

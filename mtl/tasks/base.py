@@ -70,6 +70,7 @@ class Task:
     pack_dtype: ClassVar[type] = np.float64  # as held while packing (hashed into the pack plan: keep stable)
     batch_dtype: ClassVar[type] = np.float32  # in samples and batches
     options_model: ClassVar[type[LossOptions]] = LossOptions  # its ``loss.tasks.<name>`` settings
+    metric: ClassVar[str] = "f1"  # the metric that stands for it (``headline``)
 
     # ---------------------------------------------------------------------------------------------- shapes
 
@@ -151,7 +152,7 @@ class Task:
 
     def headline(self) -> str:
         """The metric that stands for this task (in ``mtl_score`` and the summary line)."""
-        raise NotImplementedError
+        return f"{self.name}_{self.metric}"
 
     # ---------------------------------------------------------------------------------------------- torch side
 

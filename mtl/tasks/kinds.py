@@ -32,6 +32,7 @@ class Regression(Task):
     invalid: float = -5.0
 
     kind: ClassVar[str] = "regression"
+    metric: ClassVar[str] = "ccc"
 
     def parse_row(self, fields: list[str]) -> tuple[tuple[float, ...], bool]:
         values = tuple(number(f, c) for f, c in zip(fields, self.columns))
@@ -63,9 +64,6 @@ class Regression(Task):
     def submission_cells(self, row: np.ndarray, threshold: np.ndarray | None) -> str:
         return ",".join(f"{x:.5f}" for x in row)
 
-    def headline(self) -> str:
-        return f"{self.name}_ccc"
-
     def activate(self, logits):
         if (self.low, self.high) == (-1.0, 1.0):
             return logits.tanh()
@@ -83,16 +81,24 @@ class Regression(Task):
 
 
 @dataclass(frozen=True)
-class SingleLabel(Task):
+class ClassTask(Task):
+    """Integer labels (class indices or 0/1 units), ``invalid`` marking none; scored by F1, trained by a focal
+    loss."""
+
+    invalid: int = -1
+
+    file_dtype: ClassVar[type] = np.int64
+    pack_dtype: ClassVar[type] = np.int8
+
+
+@dataclass(frozen=True)
+class SingleLabel(ClassTask):
     """One class index per frame (``columns`` are the class names); ``invalid`` marks no label."""
 
     prediction: str = "class"  # its column in predictions files ("expression")
-    invalid: int = -1
 
     kind: ClassVar[str] = "single_label"
     options_model: ClassVar[type[LossOptions]] = SoftmaxFocalOptions
-    file_dtype: ClassVar[type] = np.int64
-    pack_dtype: ClassVar[type] = np.int8
     batch_dtype: ClassVar[type] = np.int64
 
     @property
@@ -139,9 +145,6 @@ class SingleLabel(Task):
     def submission_cells(self, row: np.ndarray, threshold: np.ndarray | None) -> str:
         return str(int(row.argmax()))
 
-    def headline(self) -> str:
-        return f"{self.name}_f1"
-
     def loss(self, options: SoftmaxFocalOptions, stats: dict[str, Any] | None):
         from mtl.tasks.losses import SoftmaxFocalTerm, class_alpha
 
@@ -154,15 +157,11 @@ class SingleLabel(Task):
 
 
 @dataclass(frozen=True)
-class MultiLabel(Task):
+class MultiLabel(ClassTask):
     """0/1 per unit (``columns`` are the unit names); ``invalid`` in any unit leaves the frame without a label."""
-
-    invalid: int = -1
 
     kind: ClassVar[str] = "multi_label"
     options_model: ClassVar[type[LossOptions]] = SigmoidFocalOptions
-    file_dtype: ClassVar[type] = np.int64
-    pack_dtype: ClassVar[type] = np.int8
     batch_dtype: ClassVar[type] = np.float32
 
     def parse_row(self, fields: list[str]) -> tuple[list[int], bool]:
@@ -203,9 +202,6 @@ class MultiLabel(Task):
     def submission_cells(self, row: np.ndarray, threshold: np.ndarray | None) -> str:
         thr = np.full(self.width, 0.5) if threshold is None else threshold
         return ",".join(str(int(p >= t)) for p, t in zip(row, thr))
-
-    def headline(self) -> str:
-        return f"{self.name}_f1"
 
     def loss(self, options: SigmoidFocalOptions, stats: dict[str, Any] | None):
         from mtl.tasks.losses import SigmoidFocalTerm, pos_neg_weights
