@@ -174,6 +174,9 @@ class TrainConfig(_Section):
     zero_stage: Int = Field(2, ge=0, le=3)
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     dist_timeout_min: Float = Field(30.0, gt=0)  # a collective waiting longer than this fails the run
+    # auto: CUDA when torch sees a GPU (an error, not the CPU, where SLURM gave the job GPUs that CUDA cannot use);
+    # cuda: a GPU or stop at once saying why; cpu: the CPU (and gloo) even where GPUs are visible (mtl.device)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     eval_every: Int = Field(1000, ge=1)
     ckpt_every: Int = Field(500, ge=1)

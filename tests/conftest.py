@@ -9,6 +9,18 @@ import pytest
 from helpers import SMOKE, mtl, ok, smoke_overrides
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` need a usable CUDA device: skipped, saying so, where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs a usable CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic Aff-Wild2 release packed into shards (enough shards for 2 ranks x 2 workers)."""

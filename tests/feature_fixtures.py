@@ -26,6 +26,7 @@ def make_features(
     ``shard_frames`` small: a few videos per feature shard, so tests see several shards."""
     model = model or SMOKE_BACKBONE
     spec = ExtractSpec(backbone=model["backbone"], backbone_kwargs=dict(model.get("backbone_kwargs", {})), pool=pool,
-                       image_size=image_size, dtype=dtype, shard_frames=shard_frames, batch_size=64)  # fmt: skip
+                       image_size=image_size, dtype=dtype, shard_frames=shard_frames, batch_size=64,
+                       device="cpu")  # fmt: skip
     extract(Path(shards), Path(out), spec, progress=False)
     return Path(out)

@@ -47,13 +47,14 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _spec(weights: Path, **kw) -> ExtractSpec:
+    kw.setdefault("device", "cpu")  # byte-identical caches compared: the same device (CPU, fp32) everywhere
     return ExtractSpec(backbone=BACKBONE, weights=str(weights), image_size=SIZE, backbone_kwargs=KWARGS,
                        shard_frames=SHARD_FRAMES, **kw)  # fmt: skip
 
 
 def _cli_args(weights: Path) -> list[str]:
     return ["--backbone", BACKBONE, "--weights", str(weights), "--backbone-kwargs", json.dumps(KWARGS),
-            "--image-size", str(SIZE), "--shard-frames", str(SHARD_FRAMES)]  # fmt: skip
+            "--image-size", str(SIZE), "--shard-frames", str(SHARD_FRAMES), "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

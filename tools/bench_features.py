@@ -37,6 +37,7 @@ import torch
 
 from mtl.config import read_yaml
 from mtl.data.pack import PackOptions, pack
+from mtl.data.prefetch import prefetch
 from mtl.data.synth import make_synth
 from mtl.extraction.extract import ExtractSpec, extract, load_encoder
 
@@ -58,6 +59,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         encoder = load_encoder(spec)
         load_s = time.perf_counter() - t
+        device = str(encoder.device)  # what --device decided (mtl.device), as extract decides it too
         del encoder
         t = time.perf_counter()
         m = extract(shards, tmp / "features", spec, progress=False)
@@ -72,7 +74,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
             "dim": m.dim,
             "dtype": m.dtype,
             "hflip_tta": args.hflip_tta,
-            "device": str(spec.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            "device": device,
             "threads": torch.get_num_threads(),
             "frames": frames,
             "frames_encoded": encoded,
@@ -106,14 +108,15 @@ class EpochTimer:
     """One side of the comparison, built once (model, DeepSpeed engine, loss) through the trainer's own parts;
     ``run(epoch)`` times one training epoch, rank 0 of 1, loader creation included."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, device: torch.device) -> None:
         from mtl.data.manifest import read_manifest
         from mtl.engine.step import build_engine
         from mtl.objectives import MultiTaskLoss
         from mtl.runs.inputs import DataSource
 
         self.source = DataSource(cfg)
-        self.engine = build_engine(self.source.build_model(), cfg, 1, torch.device("cpu"))
+        self.device = device  # the one init_distributed decided, where DeepSpeed also put the model
+        self.engine = build_engine(self.source.build_model(), cfg, 1, device)
         tasks = read_manifest(cfg.data.shards).splits[cfg.data.train_split].task_stats()
         self.loss_fn = MultiTaskLoss(cfg.loss, tasks)
         self.engine.ds.train()
@@ -121,13 +124,16 @@ class EpochTimer:
             self.source.split(cfg.data.train_split)  # read once before timing, as the trainer does at start
 
     def run(self, epoch: int) -> dict:
-        t0, frames, batches = time.perf_counter(), 0, 0
-        for batch in self.source.train_loader(rank=0, world_size=1, epoch=epoch, seed=0):
+        t0, batches = time.perf_counter(), 0
+        frames = torch.zeros((), dtype=torch.int64, device=self.device)  # counted on the device: no sync a step
+        loader = self.source.train_loader(rank=0, world_size=1, epoch=epoch, seed=0)
+        for batch in prefetch(loader, self.device):  # as the trainer feeds its device
             self.engine.forward_backward(self.loss_fn, batch)
             self.engine.step()
-            frames += int((~batch["pad"]).sum())
+            frames += (~batch["pad"]).sum()
             batches += 1
-        return {"seconds": time.perf_counter() - t0, "batches": batches, "frames": frames}
+        n = int(frames)  # waits for the last step
+        return {"seconds": time.perf_counter() - t0, "batches": batches, "frames": n}
 
 
 def bench_train_epoch(case: str, work: Path, *, videos: int, frames: int, clip_len: int, batch_size: int,
@@ -136,7 +142,7 @@ def bench_train_epoch(case: str, work: Path, *, videos: int, frames: int, clip_l
     from mtl.config import from_dict
     from mtl.engine.distributed import init_distributed
 
-    init_distributed()
+    device = init_distributed().device
     spec = CASES[case]
     shards = work / f"shards-T{clip_len}"  # pixel segments of clip_len frames, one clip each per epoch
     if not (shards / "manifest.json").is_file():
@@ -157,7 +163,7 @@ def bench_train_epoch(case: str, work: Path, *, videos: int, frames: int, clip_l
     }  # fmt: skip
     pixels = from_dict({**common, "model": {**common["model"], "freeze_backbone": True}})
     features = from_dict({**common, "data": {**common["data"], "features": [str(feats)]}})
-    sides = {"pixels_frozen_backbone": EpochTimer(pixels), "features": EpochTimer(features)}
+    sides = {"pixels_frozen_backbone": EpochTimer(pixels, device), "features": EpochTimer(features, device)}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for epoch in range(repeats + 1):  # interleaved, so load on the machine hits both alike; epoch 0 warms up
         for name, timer in sides.items():

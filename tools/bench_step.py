@@ -433,7 +433,7 @@ def _memory_worker(local_rank: int, stage: int, port: int, args: argparse.Namesp
 
     from mtl.engine.distributed import init_distributed
 
-    env = init_distributed()
+    env = init_distributed(device="cpu")  # the memory part always runs on CPU/gloo
     image_size = args.image_size[0]
     cfg = make_config(args, image_size, stage)
     cfg.train.precision = "fp32"
@@ -583,8 +583,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "memory": None,
     }
     if args.speed:
-        env = init_distributed()  # world size 1 (gloo on CPU, nccl on GPU), as Trainer does
-        device = env.device if args.device == "cuda" else torch.device("cpu")
+        env = init_distributed(device=args.device)  # world size 1 (gloo on CPU, nccl on GPU), as Trainer does
+        device = env.device
         result["device"] = _device_name(device)
         per_size = (1 + len(args.zero_stages)) * (args.warmup + args.rounds * args.iters)
         with tqdm(total=per_size * len(args.image_size), desc="step (bare vs engine)", disable=not progress) as bar:

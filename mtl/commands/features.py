@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=int, default=4096, help="frames per sample at most (longer videos: parts)")
     p.add_argument("--shard-frames", type=int, default=32768, help="about this many frames per output shard")
     p.add_argument("--batch-size", type=int, default=256, help="frames per encoder call")
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK if there is a GPU, else cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA where torch sees a GPU: this rank's), cuda (a GPU or stop saying why), cpu, "
+                        "cuda:N; bf16 autocast on a GPU")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace features of other input or settings in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("SLURM (with --array K: K tasks of one job array, queued as `mtl submit` does)")

@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="frames between window starts (default: window/2)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of frame folders, for time_s (default 30)")
     p.add_argument("--detect-size", type=int, default=640, help="longest side for whole-frame face search")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA where torch sees a GPU), cuda (a GPU or stop saying why), cpu, cuda:N; "
+                        "bf16 autocast on a GPU")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_predict)

@@ -43,7 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mtl.evaluation.offline import run_eval
     from mtl.metrics import summary_line
 
-    scores = run_eval(args.checkpoint, args.split, args.out, args.overrides)
+    scores = run_eval(args.checkpoint, args.split, args.out, args.overrides, device=args.device)
     if scores:  # an unlabelled split (the test set) has none
         print(summary_line(scores))
     return 0
@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="run dir, checkpoint tag dir or .safetensors")
     p.add_argument("--split", default="val", help="a packed split; on the unlabelled 'test': the submission files")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: <checkpoint>/eval_<split>)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cuda", "cpu"),
+        help="auto: CUDA where torch sees a GPU; cuda: a GPU or stop saying why (bf16 autocast there)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. data.shards=DIR")
     p.set_defaults(func=_eval)
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mtl.allocator import keep_freed_memory
+from mtl.device import bind_deepspeed, choose_device
 from mtl.errors import MtlError
 
 
@@ -63,27 +64,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout: timedelta | None = None) -> DistEnv:
-    """Join (or create) the process group through DeepSpeed, which picks nccl on GPU and gloo on CPU.
+def init_distributed(timeout: timedelta | None = None, device: str = "auto") -> DistEnv:
+    """Decide this rank's device (``mtl.device``: train.device, auto | cuda | cpu), make DeepSpeed agree, and join
+    (or create) the process group through DeepSpeed: nccl on CUDA, gloo on the CPU (also where GPUs are visible).
     ``timeout``: how long a collective may wait for the other ranks (train.dist_timeout_min; DeepSpeed's default
-    otherwise)."""
-    import deepspeed
-
+    otherwise). MtlError at once, before any rendezvous, where CUDA was asked for and is unusable."""
     export_slurm_env()
     if "RANK" not in os.environ:  # one process: DeepSpeed still wants a (world size 1) group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    decision = choose_device(device)  # sets torch's device, and LOCAL_RANK to its index for DeepSpeed
+    bind_deepspeed(decision.device)  # before DeepSpeed is imported, where it is not yet
+    import deepspeed
+
+    if decision.device.type == "cpu":
         keep_freed_memory()  # else each step's big buffers are fresh pages (ZeRO-2's flatten: 68 vs 13 ms here)
+    local_rank = decision.local_rank
     if not dist.is_initialized():
         extra = {"timeout": timeout} if timeout is not None else {}
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, **extra)
+            backend = "nccl" if decision.device.type == "cuda" else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
         except dist.DistNetworkError as exc:  # torch's 44-line traceback for a port someone else holds
             if "EADDRINUSE" not in str(exc):
                 raise
@@ -91,7 +92,7 @@ def init_distributed(timeout: timedelta | None = None) -> DistEnv:
             raise MtlError(f"rendezvous port {port} on {host} is already in use (MASTER_PORT={port}): another run "
                            "or program holds it; set MASTER_PORT to a free port, or unset it on one process "
                            "(a free one is then picked)") from None  # fmt: skip
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, decision.device)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

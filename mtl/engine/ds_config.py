@@ -29,9 +29,11 @@ def resolve_zero_stage(cfg: Config) -> int:
     return stage
 
 
-def resolve_precision(cfg: Config) -> str:
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """train.precision=auto: bf16 on the decided device when it is a GPU, fp32 on the CPU (also where a GPU is
+    visible but train.device=cpu)."""
     if cfg.train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
     return cfg.train.precision
 
 

@@ -88,7 +88,7 @@ def build_engine(
 ) -> Engine:
     """The ZeRO stage and precision resolved (accelerate's stage wins), then ``deepspeed.initialize``.
     ``load_universal``: the engine will resume from a universal checkpoint (another world size or ZeRO stage)."""
-    zero_stage, precision = resolve_zero_stage(cfg), resolve_precision(cfg)
+    zero_stage, precision = resolve_zero_stage(cfg), resolve_precision(cfg, device)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ds_config = build_ds_config(cfg, world_size, zero_stage, precision, sum(p.numel() for p in model.parameters()))

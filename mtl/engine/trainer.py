@@ -127,7 +127,7 @@ def _warn(msg: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.env: DistEnv = init_distributed(timedelta(minutes=cfg.train.dist_timeout_min))
+        self.env: DistEnv = init_distributed(timedelta(minutes=cfg.train.dist_timeout_min), cfg.train.device)
         _seed_everything(cfg.train.seed + self.env.rank)
         self.run_dir = RunDir(Path(cfg.train.output_dir).resolve())
         self.out = self.run_dir.root

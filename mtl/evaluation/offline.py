@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mtl.data.manifest import UnlabelledSplit, read_manifest
 from mtl.data.testset import load_lists
+from mtl.device import autocast, pick_device
 from mtl.errors import MtlError
 from mtl.evaluation.evaluate import (
     TUNED_SUBMISSION,
@@ -44,18 +44,24 @@ def tuned_thresholds(checkpoint: Path) -> tuple[dict[str, np.ndarray], Path | No
         raise MtlError(f"{path}: not a thresholds file written by `mtl eval` ({exc})") from None
 
 
-def run_eval(checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str]) -> dict[str, float]:
-    """Metrics of a labelled split ({} for an unlabelled one); files under ``out_dir``."""
+def run_eval(
+    checkpoint: Path, split: str, out_dir: Path | None, overrides: list[str], device: str = "auto"
+) -> dict[str, float]:
+    """Metrics of a labelled split ({} for an unlabelled one); files under ``out_dir``. ``device``: auto | cuda |
+    cpu (``mtl.device``), decided before anything is loaded; bf16 autocast on CUDA."""
+    where_to = pick_device(device)
     trained = load_model(checkpoint, overrides)
     from mtl.tracking.runs import attach, check_attach  # here: `mtl predict` imports this module and needs no MLflow
 
     check_attach(trained.cfg.tracking)  # a broken store stops here, not after the outputs are written
     root = Path(trained.cfg.data.shards)
     entry = read_manifest(root).split(split)
-    loader = trained.source.eval_loader(split, rank=0, world_size=1)
-    metrics, preds = evaluate(
-        partial(forward, trained.model), loader, torch.device("cpu"), collect=True, progress=True, desc=f"eval {split}"
-    )
+    model = trained.model.to(where_to)
+    loader = trained.source.eval_loader(split, rank=0, world_size=1, device=where_to)  # pinned for a GPU
+    with autocast(where_to):
+        metrics, preds = evaluate(
+            partial(forward, model), loader, where_to, collect=True, progress=True, desc=f"eval {split}"
+        )
     out_dir = out_dir or eval_dir(checkpoint, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     assert preds is not None

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from mtl.data.manifest import MANIFEST, PackManifest, file_sha256, read_manifest
 from mtl.data.shardio import ShardReader, parse_sample
 from mtl.data.transforms import ClipTransform, decode_clip
+from mtl.device import autocast, pick_device
 from mtl.errors import ConfigError, DataError, MtlError
 from mtl.features.manifest import (
     DTYPES,
@@ -71,7 +72,7 @@ class ExtractSpec:
     max_frames: int = 4096  # frames per feature sample at most (a longer video: equal consecutive parts)
     shard_frames: int = 32768  # a shard closes once it holds this many frames (videos are never split over shards)
     batch_size: int = 256  # frames per encoder call
-    device: str | None = None  # default: cuda:LOCAL_RANK where there is a GPU, else the CPU
+    device: str | None = None  # auto (None) | cuda | cpu | cuda:N, decided by mtl.device (cuda: this rank's GPU)
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -92,14 +93,6 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _device(spec: ExtractSpec) -> torch.device:
-    if spec.device:
-        return torch.device(spec.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def check_spec(spec: ExtractSpec) -> None:
@@ -128,7 +121,7 @@ def load_encoder(spec: ExtractSpec) -> Encoder:
     from mtl.runs.model_io import input_norm
 
     check_spec(spec)
-    device = _device(spec)
+    device = pick_device(spec.device)  # first: a GPU asked for and unusable stops here, before any loading
     if spec.checkpoint is not None:
         from mtl.runs.layout import resolve_trained
         from mtl.runs.trained import load_model
@@ -195,9 +188,10 @@ class _Batcher:
         pixels = torch.cat(parts).to(self.enc.device)
         gain, bias = self.tf.affine(pixels, None)
         x = ClipTransform.finish(pixels, gain.to(pixels.device), bias.to(pixels.device))
-        feats = self.enc.module(x).float()
-        if self.hflip:
-            feats = (feats + self.enc.module(x.flip(-1)).float()) / 2
+        with autocast(self.enc.device):  # bf16 on a GPU
+            feats = self.enc.module(x).float()
+            if self.hflip:
+                feats = (feats + self.enc.module(x.flip(-1)).float()) / 2
         out = feats.cpu().numpy().astype(self.dtype)
         pos = 0
         for dst, rows in dests:
@@ -514,6 +508,7 @@ def extract(
     """
     shards, out = Path(shards), Path(out)
     check_spec(spec)
+    pick_device(spec.device)  # a GPU asked for and unusable stops here, before any file is read
     manifest = read_manifest(shards)
     source_sha = file_sha256(shards / MANIFEST)
     part = part or _part_from_env()

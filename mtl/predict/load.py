@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mtl.config import Config
+from mtl.device import pick_device as pick_device  # `mtl predict --device` (auto | cuda | cpu | cuda:N)
 from mtl.errors import MtlError
 from mtl.evaluation.offline import tuned_thresholds
 from mtl.model.network import MultiTaskNet
@@ -36,15 +37,6 @@ class TrainedRun:
     @property
     def clip_len(self) -> int:
         return self.cfg.data.clip_len
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise MtlError(f"--device: {exc}") from None
 
 
 def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:

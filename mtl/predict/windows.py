@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtl.device import autocast
 from mtl.model.network import MultiTaskNet
 from mtl.tasks import Task
 
@@ -74,7 +75,8 @@ class WindowedPredictor:
         out = None
         if images:
             x = self.normalise(torch.stack(images).to(self.device))
-            out = self.model.encoder(x).float().cpu()
+            with autocast(self.device):  # bf16 on a GPU
+                out = self.model.encoder(x).float().cpu()
         k = 0
         for c in self.pending:
             if c is None:
@@ -119,7 +121,8 @@ class WindowedPredictor:
                     has_image[b, j] = True
                 pad[b, j] = False
         feats, has_image, pad = feats.to(self.device), has_image.to(self.device), pad.to(self.device)
-        out = self.model.from_features(feats, has_image & ~pad, pad)
+        with autocast(self.device):
+            out = self.model.from_features(feats, has_image & ~pad, pad)
         parts = [t.predict(out[t.name].float()) for t in self.tasks]
         self.sizes = [p.shape[-1] for p in parts]
         values = torch.cat(parts, -1)

@@ -48,6 +48,7 @@ POLICY: dict[str, Kind] = {
     "train.max_bad_steps": SETTING,
     "train.zero": SETTING,  # overlap and bucket sizes: how the reduce runs, not what it computes
     "train.dist_timeout_min": SETTING,
+    "train.device": SETTING,  # where it runs (train.precision=auto follows it)
     "train.resume": UNCOMPARED,
     "tracking": SETTING,
     "tracking.run_name": UNCOMPARED,  # named after the command's overrides, which a resume changes
