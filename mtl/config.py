@@ -153,6 +153,7 @@ class OptimConfig(_Section):
     layer_decay: Float = Field(0.75, ge=0, le=1)  # per ViT block below the top, multiplies the backbone lr
     warmup_steps: Int = Field(100, ge=0)
     min_lr_ratio: Float = Field(0.01, ge=0, le=1)  # cosine ends at lr * this
+    fused: Bool = False  # torch's fused AdamW kernel (one launch per step on a GPU; tools/gpu_check.py --fused-adamw)
 
 
 class ZeroConfig(_Section):

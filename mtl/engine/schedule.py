@@ -18,8 +18,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the model's parameter groups (each carries its own lr and weight decay)."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    """AdamW over the model's parameter groups (each carries its own lr and weight decay); optim.fused: torch's
+    fused kernel (the parameters' device is checked at the first step, after DeepSpeed has placed them)."""
+    fused = {"fused": True} if cfg.fused else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_scheduler(

@@ -36,6 +36,7 @@ POLICY: dict[str, Kind] = {
     "model": EXPERIMENT,
     "loss": EXPERIMENT,
     "optim": EXPERIMENT,
+    "optim.fused": SETTING,  # the same update through one kernel
     "train": EXPERIMENT,  # grad_accum, grad_clip, precision, seed
     "train.output_dir": SETTING,  # a run folder moved
     "train.max_steps": SETTING,
