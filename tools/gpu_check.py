@@ -418,17 +418,21 @@ def main(argv: list[str] | None = None) -> int:
     device = _device_or_exit(args.smoke)
     if args.smoke:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import deepspeed
+    sys.stdout.flush()
+    stdout = os.fdopen(os.dup(1), "w")  # the JSON's alone; what libraries and children print goes to stderr
+    os.dup2(2, 1)
     import torch
 
     from mtl.engine.distributed import init_distributed
 
-    bench_step_quiet()
     size = dict(SMOKE if args.smoke else FULL)
     size["fused"] = args.fused_adamw
     if not args.smoke:
         size["workers"] = max(1, min(size["workers"], (os.cpu_count() or 2) - 2))
     init_distributed(device=device.type)  # the engine parts run on this process's decided device (world size 1)
+    import deepspeed  # (after: DeepSpeed's accelerator is the decided device's)
+
+    bench_step_quiet()
     result: dict[str, Any] = {
         "tool": "gpu_check", "smoke": args.smoke,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -464,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 result[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:1500]}"}
             result["seconds"][name] = round(time.perf_counter() - t, 1)
             args.out.write_text(json.dumps(result, indent=1) + "\n")  # what is measured survives a timeout
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), file=stdout, flush=True)
     return 0
 
 
