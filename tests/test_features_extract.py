@@ -151,9 +151,13 @@ def test_cache_holds_the_source_labels_and_the_encoders_features(cache: Path, ti
     assert main(["shards", "verify", str(cache)]) == 0
 
 
-def test_same_input_gives_byte_identical_shards(cache: Path, tiny_shards: Path, weights: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [None, 0, 2])
+def test_same_input_gives_byte_identical_shards(
+    cache: Path, tiny_shards: Path, weights: Path, tmp_path: Path, workers: int | None
+) -> None:
+    """Decoded in this process (0) or in DataLoader workers (None: the default; 2): the same shards."""
     again = tmp_path / "again"
-    m = extract(tiny_shards, again, _spec(weights), progress=False)
+    m = extract(tiny_shards, again, _spec(weights, workers=workers), progress=False)
     assert _files(again) == _files(cache) and len(_files(cache)) == 6
     assert m == read_feature_manifest(cache)
 

@@ -35,6 +35,7 @@ def _spec(args: argparse.Namespace):
         max_frames=args.max_frames,
         shard_frames=args.shard_frames,
         batch_size=args.batch_size,
+        workers=args.workers,
         device=args.device,
     )
 
@@ -87,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=int, default=4096, help="frames per sample at most (longer videos: parts)")
     p.add_argument("--shard-frames", type=int, default=32768, help="about this many frames per output shard")
     p.add_argument("--batch-size", type=int, default=256, help="frames per encoder call")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes decoding JPEGs for the encoder (default: this process's CPUs but one, at most 8)",
+    )
     p.add_argument("--device", default="auto",
                    help="auto (CUDA where torch sees a GPU: this rank's), cuda (a GPU or stop saying why), cpu, "
                         "cuda:N; bf16 autocast on a GPU")  # fmt: skip

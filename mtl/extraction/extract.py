@@ -25,7 +25,8 @@ import os
 import sys
 import tarfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from mtl.data.manifest import MANIFEST, PackManifest, file_sha256, read_manifest
-from mtl.data.shardio import ShardReader, parse_sample
+from mtl.data.shardio import Sample, ShardReader, parse_sample
 from mtl.data.transforms import ClipTransform, decode_clip
 from mtl.device import autocast, pick_device
 from mtl.errors import ConfigError, DataError, MtlError
@@ -72,6 +73,7 @@ class ExtractSpec:
     max_frames: int = 4096  # frames per feature sample at most (a longer video: equal consecutive parts)
     shard_frames: int = 32768  # a shard closes once it holds this many frames (videos are never split over shards)
     batch_size: int = 256  # frames per encoder call
+    workers: int | None = None  # JPEG decoding workers (DataLoader); None: this process's CPUs but one, at most 8
     device: str | None = None  # auto (None) | cuda | cpu | cuda:N, decided by mtl.device (cuda: this rank's GPU)
 
 
@@ -105,6 +107,8 @@ def check_spec(spec: ExtractSpec) -> None:
         raise ConfigError(f"--pool: expected avg, cls or flatten, got {spec.pool!r}")
     if spec.dtype not in DTYPES:
         raise ConfigError(f"--dtype: expected one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    if spec.workers is not None and (not isinstance(spec.workers, int) or spec.workers < 0):
+        raise ConfigError(f"--workers: expected a number of processes >= 0, got {spec.workers!r}")
     for name in ("image_size", "max_frames", "shard_frames", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(spec, name)!r}")
@@ -162,7 +166,8 @@ class _Batcher:
         self.queued = 0
 
     def add(self, pixels: torch.Tensor, dst: np.ndarray, rows: np.ndarray) -> None:
-        self.queue.append((self.tf.geometry(pixels, None), dst, rows))
+        """``pixels``: uint8 frames already at the target size (``ClipTransform.geometry``, in the decoders)."""
+        self.queue.append((pixels, dst, rows))
         self.queued += len(rows)
         while self.queued >= self.bs:
             self._run(self.bs)
@@ -391,30 +396,98 @@ def _join(samples: list, video: str) -> dict[str, np.ndarray]:
     return out
 
 
-def extract_shard(job: OutShard, root: Path, segments: dict[str, list[Segment]], batcher: _Batcher, dim: int,
-                  max_frames: int, readers: dict[str, ShardReader]) -> list[FeatureSample]:  # fmt: skip
-    """The feature samples of one output shard (videos in order, each in its parts)."""
+@dataclass
+class Decoded:
+    """One source segment, read, checked and decoded (in a DataLoader worker): its sample without the JPEG bytes,
+    the frames with an image (``idx``) as uint8 at the target size, or the one-line error that stopped it."""
+
+    sample: Sample | None
+    idx: np.ndarray
+    pixels: torch.Tensor
+    error: str | None = None
+
+
+class SegmentFrames(torch.utils.data.Dataset):
+    """The segments of this process's output shards in plan order, each read and decoded (JPEG, resize) where
+    ``__getitem__`` runs: in the DataLoader's workers, so the main process only feeds the encoder. The frames and
+    their order are the same as decoded in one process, so the batches and the features are too."""
+
+    def __init__(self, root: Path, items: list[tuple[str, Segment]], tf: ClipTransform, chunk: int) -> None:
+        self.root, self.items, self.tf, self.chunk = root, items, tf, chunk
+        self.reader: ShardReader | None = None  # one per process (made in the worker after the fork)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Decoded:
+        video, seg = self.items[i]
+        where = str(self.root / seg.shard)
+        try:
+            self.reader = self.reader or ShardReader()
+            s = parse_sample(self.reader.get(self.root / seg.shard, seg.index), where)
+            if s.video != video or int(s.frames[0]) != seg.first:
+                raise DataError(f"{where}: sample {seg.index:06d} changed while extracting (video {s.video})")
+            idx = np.flatnonzero(s.has_image)
+            parts = []
+            for c in range(0, len(idx), self.chunk):  # (decode buffers of at most a batch)
+                try:
+                    parts.append(self.tf.geometry(decode_clip(s.blob, s.offsets, idx[c : c + self.chunk]), None))
+                except ValueError as exc:
+                    raise DataError(f"{where}: sample {seg.index:06d} (video {video}): {exc}; "
+                                    f"run `mtl shards verify`") from None  # fmt: skip
+        except MtlError as exc:  # travels as a value: the DataLoader would wrap it in the worker's traceback
+            return Decoded(None, np.zeros(0, np.int64), torch.zeros(0), str(exc))
+        pixels = torch.cat(parts) if parts else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        return Decoded(replace(s, blob=b""), idx, pixels)
+
+
+def _as_is(x: Any) -> Any:
+    return x
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes on one core; the workers are the parallelism
+
+
+def default_workers() -> int:
+    """Decoding workers for one process: the CPUs it may use (shared by torchrun's ranks) but one, at most 8."""
+    from mtl.engine.cpus import rank_cpus
+
+    return max(0, min(8, rank_cpus() - 1))
+
+
+def decoded_segments(root: Path, items: list[tuple[str, Segment]], tf: ClipTransform, chunk: int,
+                     workers: int) -> Iterator[Decoded]:  # fmt: skip
+    """``SegmentFrames`` in order, decoded by ``workers`` DataLoader workers (0: in this process)."""
+    data = SegmentFrames(root, items, tf, chunk)
+    if workers == 0:
+        try:
+            yield from (data[i] for i in range(len(data)))
+        finally:
+            if data.reader is not None:
+                data.reader.close()
+        return
+    loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                         prefetch_factor=2, worker_init_fn=_worker_init)  # fmt: skip
+    yield from loader
+
+
+def extract_shard(job: OutShard, root: Path, segments: dict[str, list[Segment]], decoded: Iterator[Decoded],
+                  batcher: _Batcher, dim: int, max_frames: int) -> list[FeatureSample]:  # fmt: skip
+    """The feature samples of one output shard (videos in order, each in its parts); ``decoded``: the segments of
+    this and the later shards, in order (this one takes its own)."""
     pending = []
     for video in job.videos:
         srcs, offset = [], 0
         feats = np.zeros((sum(s.frames for s in segments[video]), dim), batcher.dtype)
-        for seg in segments[video]:
-            reader = readers.setdefault(seg.shard, ShardReader())
-            where = str(root / seg.shard)
-            s = parse_sample(reader.get(root / seg.shard, seg.index), where)
-            if s.video != video or int(s.frames[0]) != seg.first:
-                raise DataError(f"{where}: sample {seg.index:06d} changed while extracting (video {s.video})")
-            idx = np.flatnonzero(s.has_image)
-            for c in range(0, len(idx), batcher.bs):
-                chunk = idx[c : c + batcher.bs]
-                try:
-                    pixels = decode_clip(s.blob, s.offsets, chunk)
-                except ValueError as exc:
-                    raise DataError(f"{where}: sample {seg.index:06d} (video {video}): {exc}; "
-                                    f"run `mtl shards verify`") from None  # fmt: skip
-                batcher.add(pixels, feats, chunk + offset)
-            srcs.append(s)
-            offset += len(s)
+        for _ in segments[video]:
+            d = next(decoded)
+            if d.error is not None:
+                raise DataError(d.error)
+            if len(d.idx):
+                batcher.add(d.pixels, feats, d.idx + offset)
+            srcs.append(d.sample)
+            offset += len(d.sample)
         pending.append((video, _join(srcs, video), feats))
     batcher.flush()  # every row of this shard's arrays is written before they are packed
     samples = []
@@ -540,11 +613,13 @@ def extract(
     desc = "features" if part.count == 1 else f"features {part.index}/{part.count}"
     bar = tqdm(total=total, initial=total - left, desc=desc, unit="frame", disable=not progress,
                position=part.index if part.group else None)  # fmt: skip
-    readers: dict[str, ShardReader] = {}
     batcher = _Batcher(encoder, encoder.info["image_size"], spec.batch_size, spec.hflip_tta, spec.dtype, bar)
+    items = [(v, seg) for job in todo for v in job.videos for seg in source[job.split][v]]
+    workers = default_workers() if spec.workers is None else spec.workers
+    decoded = decoded_segments(shards, items, batcher.tf, spec.batch_size, workers)
     try:
         for job in todo:
-            samples = extract_shard(job, shards, source[job.split], batcher, dim, spec.max_frames, readers)
+            samples = extract_shard(job, shards, source[job.split], decoded, batcher, dim, spec.max_frames)
             path = out / job.path
             try:
                 write_feature_shard(path, samples)
@@ -556,8 +631,7 @@ def extract(
                                 f"shards finished before it are kept, rerun to resume") from None  # fmt: skip
     finally:
         bar.close()
-        for r in readers.values():
-            r.close()
+        decoded.close()  # the workers end with their loader
 
     _barrier(part)
     result = None
