@@ -139,3 +139,17 @@ def test_one_process_commands_with_cuda_asked_stop_in_one_line(command: str, tmp
     }[command]  # fmt: skip
     line = _one_line_error(mtl(*args, timeout=300), command)
     assert "CUDA is not usable (--device=cuda)" in line
+
+
+@pytest.mark.cuda
+def test_on_cuda_train_eval_and_features_use_the_gpu(tiny_shards, tmp_path) -> None:
+    """Where a GPU is usable: `mtl train` with train.device=cuda trains in bf16 (auto precision) and `mtl eval` and
+    `mtl features` run there too (skipped without CUDA)."""
+    from helpers import ok, smoke_overrides
+
+    out = tmp_path / "run"
+    overrides = smoke_overrides(tiny_shards, out, tmp_path / "mlflow.db", "train.max_steps=2", "train.device=cuda")
+    ok(mtl("train", "--config", str(SMOKE), *overrides))
+    ok(mtl("eval", "--checkpoint", str(out), "--device", "cuda", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"))
+    ok(mtl("features", "--shards", str(tiny_shards), "--out", str(tmp_path / "f"), "--checkpoint", str(out),
+           "--device", "cuda", "--no-progress"))  # fmt: skip
