@@ -87,8 +87,9 @@ def decide(wish: str, env: Mapping[str, str], facts: CudaFacts, asked_by: str = 
     """The device for ``wish`` (auto | cuda | cpu) given the environment and what torch sees.
 
     auto: CUDA when torch sees a usable device; if it sees none but SLURM gave the job GPUs, that is an error, not
-    a CPU run. cuda: a usable device or an error. The index: 0 when one device is visible (SLURM binding one GPU per
-    task), else the local rank, which must then name a visible device (NCCL refuses two ranks on one GPU)."""
+    a CPU run. cuda: a usable device or an error. The index: 0 when one device is visible to a SLURM task or a lone
+    process (SLURM binding one GPU per task), else the local rank, which must then name a visible device (NCCL
+    refuses two ranks on one GPU), except that a SLURM task given several GPUs of its own takes one of them."""
     if wish not in WISHES:
         raise MtlError(f"{asked_by}: expected one of {', '.join(WISHES)}, got {wish!r}")
     lr = local_rank(env)
@@ -102,13 +103,18 @@ def decide(wish: str, env: Mapping[str, str], facts: CudaFacts, asked_by: str = 
         if gave is not None:
             raise MtlError(unusable_line(facts, env, f"SLURM gave this job GPUs: {gave}; {asked_by}=auto"))
         return Decision(torch.device("cpu"), lr)
-    local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0)
-    if facts.count == 1 and local_world <= 1:
+    # Ranks that share one view of the node's GPUs: torchrun's (accelerate launch's) processes. SLURM tasks
+    # (srun, submitit, which also sets LOCAL_WORLD_SIZE) may each see only the GPUs bound to them.
+    shared = int(env.get("LOCAL_WORLD_SIZE", "1") or 1) if "TORCHELASTIC_RUN_ID" in env else 1
+    per_task = env.get("SLURM_GPUS_PER_TASK", "").strip()
+    if facts.count == 1 and shared <= 1:
         index = 0  # one GPU bound to this task (SLURM --gpus-per-task / --gpu-bind), or one process on one GPU
-    elif lr < facts.count and local_world <= facts.count:
+    elif lr < facts.count and shared <= facts.count:
         index = lr
+    elif shared <= 1 and per_task:
+        index = lr % facts.count  # SLURM bound several GPUs to each task: any of its own is its own
     else:
-        ranks = f"{local_world} processes on this node" if local_world > 1 else f"local rank {lr}"
+        ranks = f"{shared} processes on this node" if shared > 1 else f"local rank {lr}"
         raise MtlError(f"{asked_by}: {ranks} but torch sees {facts.count} CUDA device(s) "
                        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per "
                        f"GPU (NCCL refuses two ranks on one GPU), or ask for the CPU ({asked_by}=cpu)")  # fmt: skip

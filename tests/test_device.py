@@ -25,9 +25,21 @@ def test_one_bound_gpu_is_device_0_and_local_rank_is_rewritten_for_deepspeed() -
     assert d.device == torch.device("cuda", 0) and d.local_rank == 3 and d.ds_local_rank == 0
 
 
+def test_submitit_tasks_bound_to_one_gpu_each_are_device_0() -> None:
+    env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "5"}  # submitit's export
+    d = decide("auto", env, GPUS(1))
+    assert d.device == torch.device("cuda", 0) and d.ds_local_rank == 0
+
+
 def test_eight_visible_gpus_give_the_local_rank_its_own() -> None:
-    d = decide("cuda", {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}, GPUS(8))
+    torchrun = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "x"}
+    d = decide("cuda", torchrun, GPUS(8))
     assert d.device == torch.device("cuda", 3) and d.ds_local_rank is None  # LOCAL_RANK already says 3
+
+
+def test_a_slurm_task_with_two_gpus_of_its_own_takes_one() -> None:
+    d = decide("cuda", {"SLURM_LOCALID": "3", "SLURM_GPUS_PER_TASK": "2", "SLURM_JOB_ID": "5"}, GPUS(2))
+    assert d.device == torch.device("cuda", 1) and d.ds_local_rank == 1
 
 
 def test_srun_without_local_rank_reads_slurm_localid() -> None:
@@ -37,7 +49,7 @@ def test_srun_without_local_rank_reads_slurm_localid() -> None:
 
 def test_more_local_ranks_than_gpus_is_an_error_not_two_ranks_on_one_gpu() -> None:
     with pytest.raises(MtlError, match="2 processes on this node but torch sees 1 CUDA device"):
-        decide("auto", {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, GPUS(1))
+        decide("auto", {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, GPUS(1))
     with pytest.raises(MtlError, match="local rank 5 but torch sees 4"):
         decide("auto", {"LOCAL_RANK": "5"}, GPUS(4))
 

@@ -20,8 +20,9 @@ class TrainTask:
 
         cfg = from_dict(cfg_dict)  # validated on the login node already; cheap, and catches version skew
         job_env = submitit.JobEnvironment()
-        # CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node for every task): the engine picks
-        # cuda:LOCAL_RANK, which is right also where SLURM hands out GPUs 2,3 of a shared node.
+        # CUDA_VISIBLE_DEVICES stays as SLURM set it: every GPU of the node for every task (mtl.device picks
+        # cuda:LOCAL_RANK, right also where SLURM hands out GPUs 2,3 of a shared node), or the task's own one
+        # (--gpus-per-task: cuda:0, and LOCAL_RANK set to 0 for DeepSpeed).
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if job_env.global_rank == 0:
             log(f"{job_env}, restart {restart_count()}, output {cfg.train.output_dir}")
