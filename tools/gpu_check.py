@@ -16,7 +16,8 @@ Parts (each a key of the JSON; a part that fails records its error and the other
 - ``train``: `mtl train` (a subprocess, as a user runs it) steady-state frames/s from its MLflow log, against the
   bare step of the same model and batch (``efficiency``).
 - ``features``: `mtl features` frames/s, ViT-B at 112 px, bf16 (tools/bench_features.py's extraction part).
-- ``predict``: `mtl predict` frames/s on a 640x480 video (tools/bench_predict.py's inputs and command).
+- ``predict``: `mtl predict` frames/s on a 640x480 video, configs/paper.yaml's model with random weights
+  (tools/bench_predict.py's inputs and command; face detection runs on the CPU).
 - ``multi_gpu``: with two or more GPUs, a 2-rank ZeRO-2 and ZeRO-3 `mtl train` killed (SIGKILL) after its first
   checkpoint and resumed to the end; skipped with fewer (with ``--smoke``: 2 CPU ranks).
 
@@ -55,7 +56,7 @@ FULL = {
     "synth": {"videos": 24, "frames": 160}, "loader_batches": 60, "train_steps": 60, "log_every": 10,
     "features": {"backbone": "vit_base_patch16_224", "backbone_kwargs": "{}", "image_size": 112, "batch_size": 512,
                  "videos": 40, "frames": 250},
-    "predict": {"frames": 300, "model_cfg": "demo.yaml"}, "multi_steps": 12, "workers": 8,
+    "predict": {"frames": 300, "model_cfg": "paper.yaml"}, "multi_steps": 12, "workers": 8,
 }  # fmt: skip
 SMOKE = {
     "backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},

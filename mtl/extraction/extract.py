@@ -299,9 +299,11 @@ def plan_shards(source: dict[str, dict[str, list[Segment]]], max_frames: int, sh
     return plan
 
 
-def _fingerprint(source_sha: str, info: dict, spec: ExtractSpec, plan: list[OutShard]) -> str:
+def _fingerprint(source_sha: str, info: dict, spec: ExtractSpec, plan: list[OutShard], device: torch.device) -> str:
     what = {"source": source_sha, "extractor": info, "dtype": spec.dtype, "max_frames": spec.max_frames,
             "batch_size": spec.batch_size, "plan": [asdict(s) for s in plan], "format": FORMAT}  # fmt: skip
+    if device.type == "cuda":  # bf16 autocast: other features than fp32 on the CPU, never mixed in one cache
+        what["autocast"] = "bf16"
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -589,7 +591,7 @@ def extract(
     source = scan_source(shards, manifest)
     plan = plan_shards(source, spec.max_frames, spec.shard_frames)
     dim = int(encoder.module.num_features)
-    fingerprint = _fingerprint(source_sha, encoder.info, spec, plan)
+    fingerprint = _fingerprint(source_sha, encoder.info, spec, plan, encoder.device)
     if part.group and part.index != 0:
         _barrier(part)  # rank 0 prepares (and with --overwrite clears) the folder first
         prepare_output(out, fingerprint, plan, overwrite=False)
