@@ -104,7 +104,9 @@ def _config(size: dict, device: str, **train: Any) -> Any:
         "model": {"backbone": size["backbone"], "backbone_kwargs": size["backbone_kwargs"],
                   "temporal": size["temporal"]},
         "optim": {"fused": size.get("fused", False)},
-        "train": {"device": device, "max_steps": 10_000, **train},
+        # precision explicit: the bare loop reads it from the config too (bf16 on the GPU, fp32 on the CPU)
+        "train": {"device": device, "precision": "bf16" if device == "cuda" else "fp32", "max_steps": 10_000,
+                  **train},
     })  # fmt: skip
 
 
