@@ -22,6 +22,7 @@ from mtl.launch.slurm_request import load_for_submit
 from mtl.launch.sweep import element_name
 from mtl.naming import MAX_CHARS
 from mtl.tracking.inputs import split_digest
+from mtl.tracking.mlflow_run import create_run
 from mtl.tracking.runs import attach, open_run
 
 # `mtl submit`'s flags reach the config as slurm.* overrides, after the user's
@@ -180,3 +181,12 @@ def test_a_run_reads_back_by_name_with_step_images_inputs_and_eval_outputs(
     assert main(["eval", *args]) == 2
     _one_line(capsys.readouterr().err, f"MLflow store sqlite:///{garbage}", "not an SQLite database")
     assert not (tmp_path / "e5").exists()
+
+
+def test_experiments_mtl_creates_open_on_their_runs_table(tmp_path: Path) -> None:
+    """MLflow 3's UI shows a GenAI overview unless the experiment says it is model development."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = create_run(TrackingConfig(uri=uri, experiment="kind"), run_name="r")
+    client = MlflowClient(uri)
+    exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

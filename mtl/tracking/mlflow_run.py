@@ -27,6 +27,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_CHARS = 6000
+# MLflow 3's UI opens an experiment by this tag; mlflow has no Python constant for it (only its UI does).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -52,7 +55,9 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+        return client.create_experiment(
+            name, artifact_location=_artifact_root(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except Exception:  # another rank or job created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
