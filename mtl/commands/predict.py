@@ -11,9 +11,10 @@ MAX_WARNINGS = 10  # undecodable images named one by one per input; past that, c
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from mtl.device import pick_device
     from mtl.errors import MtlError
     from mtl.predict.detect import make_detector
-    from mtl.predict.load import load_run, pick_device
+    from mtl.predict.load import load_run
     from mtl.predict.pipeline import PredictOptions, output_name, predict_input
 
     names: dict[str, Path] = {}

@@ -118,14 +118,15 @@ def check_spec(spec: ExtractSpec) -> None:
         raise MtlError(f"{spec.checkpoint}: no such run directory, checkpoint or .safetensors file (--checkpoint)")
 
 
-def load_encoder(spec: ExtractSpec) -> Encoder:
-    """The frame encoder the spec names, with the normalisation its frames need and what the manifest records."""
+def load_encoder(spec: ExtractSpec, device: torch.device | None = None) -> Encoder:
+    """The frame encoder the spec names, with the normalisation its frames need and what the manifest records.
+    ``device``: already decided by the caller (else decided here from ``spec.device``)."""
     from mtl.config import from_dict
     from mtl.model.backbone import FrameEncoder, create_backbone
     from mtl.runs.model_io import input_norm
 
     check_spec(spec)
-    device = pick_device(spec.device)  # first: a GPU asked for and unusable stops here, before any loading
+    device = device or pick_device(spec.device)  # first: a GPU asked for and unusable stops here, before loading
     if spec.checkpoint is not None:
         from mtl.runs.layout import resolve_trained
         from mtl.runs.trained import load_model
@@ -583,11 +584,11 @@ def extract(
     """
     shards, out = Path(shards), Path(out)
     check_spec(spec)
-    pick_device(spec.device)  # a GPU asked for and unusable stops here, before any file is read
+    device = pick_device(spec.device)  # a GPU asked for and unusable stops here, before any file is read
     manifest = read_manifest(shards)
     source_sha = file_sha256(shards / MANIFEST)
     part = part or _part_from_env()
-    encoder = load_encoder(spec)
+    encoder = load_encoder(spec, device)
     source = scan_source(shards, manifest)
     plan = plan_shards(source, spec.max_frames, spec.shard_frames)
     dim = int(encoder.module.num_features)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from mtl.config import Config
-from mtl.device import pick_device as pick_device  # `mtl predict --device` (auto | cuda | cpu | cuda:N)
 from mtl.errors import MtlError
 from mtl.evaluation.offline import tuned_thresholds
 from mtl.model.network import MultiTaskNet
