@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import group_by_keys
-from webdataset.writer import TarWriter
 
 from mtl.errors import DataError, naming
 from mtl.tasks import tasks
@@ -71,6 +69,8 @@ def encode_sample(index: int, meta: dict, jpegs: list[bytes | None]) -> dict:
 
 def write_shard(path: Path, samples: list[dict]) -> None:
     """Write atomically: a ``.tmp`` file, fsync, then rename, so a file named ``*.tar`` is always complete."""
+    from webdataset.writer import TarWriter  # here: webdataset imports torch, which reading metadata needs not
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         with naming(tmp), open(tmp, "wb") as f:
@@ -122,6 +122,8 @@ def read_raw(
     that starts in the middle of a shard pays for the headers only. Grouping of members into samples is
     webdataset's own ``group_by_keys``.
     """
+
+    from webdataset.tariterators import group_by_keys
 
     def members() -> Iterator[dict]:
         check_size(path, size)

@@ -100,7 +100,8 @@ def _check_same(path: Path, found: FoldsFile, k: int, seed: int, digest: str, md
 
 
 def open_folds(base: Config, out: Path, k: int, seed: int, config: Path | None, overrides: list[str]) -> FoldsFile:
-    """``<out>/folds.json``: the existing one (checked to be this cv's), else new folds and the MLflow parent run."""
+    """``<out>/folds.json``: the existing one (checked to be this cv's), else new folds and the MLflow parent run.
+    Folds that cannot be made, and a run's inputs that are missing, stop it before anything is written or made."""
     path = out / FOLDS_FILE
     digest, mdigest = config_digest(base), manifest_digest(base.data.shards)
     if path.is_file():
@@ -108,7 +109,8 @@ def open_folds(base: Config, out: Path, k: int, seed: int, config: Path | None, 
         _check_same(path, found, k, seed, digest, mdigest)
         return found
     splits = [base.data.train_split, base.data.val_split]
-    holdouts = make_folds(base.data.shards, splits, k, seed)  # errors before anything is written or made
+    holdouts = make_folds(base.data.shards, splits, k, seed)
+    prepare.check_inputs(base)
     parent = None
     t = base.tracking
     if t.enabled:
@@ -173,7 +175,12 @@ def evaluate_fold(fold: Fold, out: Printer = echo) -> dict[str, float]:
         out(f"cv: fold {fold.k}: out-of-fold predictions -> {where}")
         run_eval(fold.dir, fold.cfg.data.val_split, None, [], device=fold.cfg.train.device)
     scores = json.loads((where / METRICS_FILE).read_text())
-    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in scores.items() if headline(k) and isinstance(v, (int, float))}
+
+
+def headline(key: str) -> bool:
+    """The scores a cv summarises: each task's and the MTL score (not per class or unit, not frame counts)."""
+    return "/" not in key and not key.endswith("_frames")
 
 
 def summarise(per_fold: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -240,7 +247,6 @@ def run_cv(
         raise MtlError("data.folds.*: `mtl cv` sets them for each fold; leave them out of its config and overrides")
     if base.data.features:
         raise MtlError("data.features: `mtl cv` selects videos of the pixel shards; cached features are not supported")
-    prepare.check_inputs(base)
     out_path = Path(out_dir or base.train.output_dir).expanduser().resolve()
     folds = open_folds(base, out_path, k, seed, config, overrides)
     fold_list = fold_configs(config, overrides, flags, out_path, folds)
