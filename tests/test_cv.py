@@ -16,9 +16,10 @@ from helpers import SMOKE, mtl, ok, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 from mtl.config import load_config
-from mtl.data.folds import FOLDS_FILE, assign, group_of, make_folds, read_folds
+from mtl.data.folds import FOLDS_FILE, assign, group_of, make_folds, read_folds, training_task_stats
 from mtl.data.loader import make_eval_loader, split_table
-from mtl.data.video_index import labelled_tasks, scan_split
+from mtl.data.manifest import read_manifest
+from mtl.data.video_index import labelled_tasks, scan_split, task_stats
 from mtl.errors import MtlError
 
 SPLITS = ["train", "val"]
@@ -67,6 +68,10 @@ def test_a_fold_run_reads_only_its_videos(tiny_shards: Path, tmp_path: Path) -> 
     loader = make_eval_loader(cfg.data, "val", mean=(0.5,) * 3, std=(0.5,) * 3, rank=0, world_size=1)
     seen = {v for batch in loader for v in batch["video"] if v}
     assert seen == set(folds[1])  # from both splits: the fold's held-out videos, no others
+    # the losses' label statistics (focal alpha: auto) are the fold's training part's, counted as the pack counts
+    assert task_stats(scan_split(tiny_shards, "train")) == read_manifest(tiny_shards).split("train").task_stats()
+    fold_stats = training_task_stats(cfg.data, {})
+    assert fold_stats == task_stats([s for sp in SPLITS for s in scan_split(tiny_shards, sp) if s.video in folds[0]])
     with pytest.raises(MtlError, match=r"data.folds.file is set but data.folds.fold is not"):
         load_config(SMOKE, [f"data.folds.file={path}"])
 
@@ -125,11 +130,12 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
 def test_slurm_options_queue_the_folds_as_one_array(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
     """Built and handed to `mtl submit`'s queueing, not submitted (a real array of trainings takes minutes)."""
     from mtl.launch import cv, slurm_request, submit
+    from mtl.launch.task import CvFoldTask
 
     calls = []
 
     def fake_queue(cfg, partition, name, fn, call_args, *, array):
-        calls.append((partition, name, call_args, array))
+        calls.append((partition, fn, call_args, array))
         paths = SimpleNamespace(stdout=tmp_path / "log.out")
         return [SimpleNamespace(job_id=f"77_{i}", task=lambda _: SimpleNamespace(paths=paths))
                 for i in range(len(call_args))]  # fmt: skip
@@ -141,8 +147,9 @@ def test_slurm_options_queue_the_folds_as_one_array(tiny_shards: Path, tmp_path:
     overrides = smoke_overrides(tiny_shards, tmp_path / "cv", tmp_path / "mlflow.db")
     rc = cv.run_cv(SMOKE, overrides, {"partition": "cpu", "time": 30}, 2, out=printed.append)
     assert rc == 0 and json.loads(printed[-1])["status"] == "queued"
-    ((partition, _, call_args, array),) = calls
+    ((partition, fn, call_args, array),) = calls
     assert partition == "cpu" and array and len(call_args) == 2
+    assert isinstance(fn, CvFoldTask)  # trains, then writes the fold's out-of-fold predictions in the job
     for k, (cfg,) in enumerate(call_args):
         assert cfg["data"]["folds"] == {"file": str(tmp_path / "cv" / FOLDS_FILE), "fold": k}
         assert cfg["train"]["output_dir"] == str(tmp_path / "cv" / f"fold_{k}")

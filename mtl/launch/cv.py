@@ -213,6 +213,15 @@ def log_parent(cfg: Config, folds: FoldsFile, fold_list: list[Fold], per_fold: l
     c.set_terminated(parent, "FINISHED")
 
 
+def _end_parent(cfg: Config, folds: FoldsFile, status: str) -> None:
+    """End the parent run (best effort: the error that ended the cv is the one to show)."""
+    if folds.parent_run_id:
+        try:
+            client(cfg.tracking.uri).set_terminated(folds.parent_run_id, status)
+        except Exception:
+            pass
+
+
 def ui_lines(cfg: Config, parent: str, children: list[str]) -> list[str]:
     """Where to look: the MLflow UI command and the parent run's page (its children listed under it), and the
     folds side by side."""
@@ -254,13 +263,21 @@ def run_cv(
     for f in fold_list:
         if f.finished:
             out(f"cv: fold {f.k}: finished already ({RunDir(f.dir).export_file('last')}), not trained again")
-    if pending and _slurm_wanted(flags):
-        if not _run_array(base, pending, wait, out):
-            return _queued_line(out_path, folds, out)
-    else:
-        for f in pending:
-            train_here(f, config, overrides, out)
-    per_fold = [evaluate_fold(f, out) for f in fold_list]
+    try:
+        if pending and _slurm_wanted(flags):
+            if not _run_array(base, pending, wait, out):
+                _end_parent(base, folds, "FINISHED")  # it groups the children; a rerun adds the summary
+                return _queued_line(out_path, folds, out)
+        else:
+            for f in pending:
+                train_here(f, config, overrides, out)
+        per_fold = [evaluate_fold(f, out) for f in fold_list]
+    except KeyboardInterrupt:
+        _end_parent(base, folds, "KILLED")
+        raise
+    except Exception:
+        _end_parent(base, folds, "FAILED")  # not left RUNNING; the rerun that finishes the folds ends it FINISHED
+        raise
     mean, std = summarise(per_fold)
     if folds.parent_run_id:
         log_parent(base, folds, fold_list, per_fold, mean, std, out_path / FOLDS_FILE)
@@ -278,8 +295,10 @@ def run_cv(
 
 def _run_array(base: Config, pending: list[Fold], wait: bool, out: Printer) -> bool:
     """The unfinished folds as one job array; True once all completed (with ``wait``), False if not waited for."""
+    from mtl.launch.task import CvFoldTask
+
     plan = array_plan(base, pending)
-    queued = queue_plan(plan)
+    queued = queue_plan(plan, CvFoldTask())
     out(f"submitted job array {queued[0].job_id.split('_')[0]} with {len(queued)} fold(s) "
         f"({describe(plan.first, plan.partition)})")  # fmt: skip
     for q in queued:
