@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mtl.config import load_config
 from mtl.data.folds import FOLDS_FILE, assign, group_of, make_folds, read_folds, training_task_stats
-from mtl.data.loader import make_eval_loader, split_table
+from mtl.data.loader import Piece, make_eval_loader, split_table
 from mtl.data.manifest import read_manifest
 from mtl.data.video_index import labelled_tasks, scan_split, task_stats
 from mtl.errors import MtlError
@@ -65,6 +65,10 @@ def test_a_fold_run_reads_only_its_videos(tiny_shards: Path, tmp_path: Path) -> 
     cfg = load_config(SMOKE, [f"data.shards={tiny_shards}", f"data.folds.file={path}", "data.folds.fold=1"])
     train = split_table(cfg.data, "train")
     assert sum(train.counts) == sum(1 for sp in SPLITS for s in scan_split(tiny_shards, sp) if s.video in folds[0])
+    pieces = [Piece(s, 0, n) for s, n in enumerate(train.counts)]
+    read = [(i, json.loads(raw["json"])["video"]) for p in pieces for i, raw in train.read(p)]
+    assert {v for _, v in read} == set(folds[0]) and len(read) == sum(train.counts)  # shards of both splits, in part
+    assert [i for i, _ in read] == [i for n in train.counts for i in range(n)]  # numbered as the table counts them
     loader = make_eval_loader(cfg.data, "val", mean=(0.5,) * 3, std=(0.5,) * 3, rank=0, world_size=1)
     seen = {v for batch in loader for v in batch["video"] if v}
     assert seen == set(folds[1])  # from both splits: the fold's held-out videos, no others
