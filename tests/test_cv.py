@@ -158,3 +158,18 @@ def test_slurm_options_queue_the_folds_as_one_array(tiny_shards: Path, tmp_path:
         assert cfg["data"]["folds"] == {"file": str(tmp_path / "cv" / FOLDS_FILE), "fold": k}
         assert cfg["train"]["output_dir"] == str(tmp_path / "cv" / f"fold_{k}")
         assert cfg["slurm"]["time_min"] == 30 and cfg["tracking"]["run_id"]
+
+
+def test_a_failed_fold_leaves_no_run_running(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    from mtl.launch import cv
+
+    def failing(fold, *a, **k):
+        raise MtlError(f"fold {fold.k}: `mtl train` exited with status 1")
+
+    monkeypatch.setattr(cv, "train_here", failing)
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(MtlError, match="fold 0"):
+        cv.run_cv(SMOKE, smoke_overrides(tiny_shards, tmp_path / "cv", db), {}, 2, out=lambda _: None)
+    c = MlflowClient(f"sqlite:///{db}")
+    runs = c.search_runs([c.get_experiment_by_name("mtl-smoke").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}  # the parent and both folds

@@ -43,7 +43,7 @@ from mtl.launch import prepare, slurm_request
 from mtl.launch.jobs import Printer, echo
 from mtl.launch.submit import Plan, describe, follow, queue_plan
 from mtl.runs.layout import RunDir, eval_dir
-from mtl.tracking.runs import client, open_run
+from mtl.tracking.runs import client, end_runs, open_run
 
 # Keys that may differ between the folds, or between two launches of the same cv (where and how it runs).
 _FREE = ("train.output_dir", "train.resume", "train.progress", "tracking.", "slurm.", "data.folds.")
@@ -222,6 +222,13 @@ def _end_parent(cfg: Config, folds: FoldsFile, status: str) -> None:
             pass
 
 
+def _end_runs(cfg: Config, folds: FoldsFile, fold_list: list[Fold], status: str, reason: str) -> None:
+    """A cv that stops: the parent and the child runs no fold process ended (folds not started yet) end too."""
+    _end_parent(cfg, folds, status)
+    if cfg.tracking.enabled:
+        end_runs(cfg.tracking.uri, [f.cfg.tracking.run_id for f in fold_list], status, reason)
+
+
 def ui_lines(cfg: Config, parent: str, children: list[str]) -> list[str]:
     """Where to look: the MLflow UI command and the parent run's page (its children listed under it), and the
     folds side by side."""
@@ -273,10 +280,10 @@ def run_cv(
                 train_here(f, config, overrides, out)
         per_fold = [evaluate_fold(f, out) for f in fold_list]
     except KeyboardInterrupt:
-        _end_parent(base, folds, "KILLED")
+        _end_runs(base, folds, fold_list, "KILLED", "mtl cv interrupted")
         raise
-    except Exception:
-        _end_parent(base, folds, "FAILED")  # not left RUNNING; the rerun that finishes the folds ends it FINISHED
+    except Exception as exc:
+        _end_runs(base, folds, fold_list, "FAILED", str(exc))  # not left RUNNING; a rerun that finishes ends them
         raise
     mean, std = summarise(per_fold)
     if folds.parent_run_id:
