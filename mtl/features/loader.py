@@ -36,8 +36,8 @@ from mtl.data.loader import label_arrays, plan_eval, put_labels
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.data.seeds import derive_seed
 from mtl.errors import DataError
-from mtl.features.manifest import EXTRACTOR_KEYS, FeatureManifest, FeatureShardRecord, read_feature_manifest
 from mtl.features.index import FrameFeatures, IndexedSample, Rows, ShardReader, index_feature_shard
+from mtl.features.manifest import EXTRACTOR_KEYS, FeatureManifest, FeatureShardRecord, read_feature_manifest
 
 # ------------------------------------------------------------------------------------------------ manifests
 
