@@ -5,9 +5,9 @@ has finished its part (barrier), with an atomic rename, and records every file's
 while saving leaves a tag without it, which ``latest_complete`` ignores and the next save removes. DeepSpeed's own
 ``latest`` file is not used: it could name a half-written tag.
 
-Each rank hashes the files it wrote itself (``layout.write_hashes``), in a thread that starts as soon as its part is
-written, so the ranks hash in parallel, from their page cache, while training goes on; the next save (or the
-process's exit) waits for it. Resume checks sizes; hashes are checked when asked (``mtl runs verify``,
+Each rank hashes the files it wrote itself (``layout.write_hashes``), in a thread that starts as the save ends, so
+the ranks hash in parallel, from their page cache, while training goes on; the next save (or the process's exit)
+waits for it. Resume checks sizes; hashes are checked when asked (``mtl runs verify``,
 ``train.verify_checkpoint``).
 """
 
@@ -135,12 +135,12 @@ def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: i
         # rather than at the next save, which the other ranks will not reach (their launcher stops them).
         shutil.rmtree(tag_dir, ignore_errors=True)
         raise
-    _hash_in_background(tag_dir, rank)
     barrier()
     if rank == 0:
         write_marker(tag_dir, state.to_dict())
         _prune(ckpt_dir, keep_last, state.best_tag)
     barrier()
+    _hash_in_background(tag_dir, rank)  # after the save, so it never slows another rank's write
     return tag
 
 

@@ -81,9 +81,12 @@ def index_feature_shard(path: Path) -> list[IndexedSample]:
     pending: dict[str, dict] = {}
     try:
         with tarfile.open(path, "r:") as tf, open(path, "rb") as raw:
+            size = os.fstat(raw.fileno()).st_size
             for info in tf:
                 if not info.isreg():
                     continue
+                if info.offset_data + info.size > size:  # tarfile itself would take the cut for the archive's end
+                    raise ValueError(f"{info.name} runs past the end of the file: cut short")
                 key, _, ext = info.name.partition(".")
                 part = pending.setdefault(key, {})
                 where = f"sample {key}"
