@@ -56,6 +56,29 @@ def test_a_rank_reads_only_the_rows_of_its_windows(tiny_shards: Path, feats) -> 
     assert 0 < val.bytes_read - before <= 8 * ev.b * val.dim * 2  # one batch of clips, not the split
 
 
+def test_the_unlabelled_test_split_is_indexed_and_read_by_windows_too(tmp_path: Path) -> None:
+    """`mtl eval --split test` on a features run reads the organisers' test split through the same index: every
+    frame of every listed video once, a batch reading only its clips' rows, and no labels."""
+    from mtl.data.pack import PackOptions, pack
+    from mtl.data.synth import make_synth
+
+    root = make_synth(tmp_path / "synth", videos=2, frames=16, seed=0, workers=1, test_videos=2)
+    lists = [str(p) for p in sorted((root / "test_set").glob("*.txt"))]
+    pack(PackOptions(root / "cropped_aligned", root / "annotations", tmp_path / "shards", segment_len=16,
+                     test_lists=lists, videos_dir=root / "videos", progress=False))  # fmt: skip
+    cache = make_features(tmp_path / "shards", tmp_path / "f")
+    src = _source(tmp_path / "shards", [cache], clip_len=8, eval_batch_size=2)
+    test = src.split("test")
+    assert test.bytes_read == 0 and sum(test.lengths) > 0
+    assert not any(v.labels[k].any() for v in test.videos for k in v.labels if k.endswith("_valid"))
+    loader = src.eval_loader("test", rank=0, world_size=1)
+    first = next(iter(loader))
+    assert 0 < test.bytes_read <= 8 * 2 * test.dim * 2
+    batches = [first, *list(loader)[1:]]
+    assert sum(int((~b["pad"]).sum()) for b in batches) == sum(test.lengths)  # every frame once
+    assert not any(b[k].any() for b in batches for k in b if k.endswith("_valid"))
+
+
 def test_start_checks_sizes_not_bytes_and_verify_checks_every_byte(tiny_shards: Path, feats, tmp_path: Path) -> None:
     cache = shutil.copytree(feats[0], tmp_path / "f1")
     shard = cache / "val" / "000000.tar"
@@ -81,8 +104,9 @@ def _edit_manifest(cache: Path, edit) -> None:
 def test_a_bad_cache_is_one_error_naming_the_file(case: str, tiny_shards: Path, feats, tmp_path: Path) -> None:
     cache = shutil.copytree(feats[0], tmp_path / "f1")
     shard = cache / "val" / "000000.tar"
-    bad, want = shard, {"truncated": "its manifest says", "cut_and_resized": "cut short", "missing": "missing", "samples": "samples, its manifest",
-                        "frames": "frames, its manifest", "dim": "its manifest"}[case]  # fmt: skip
+    bad, want = shard, {"truncated": "its manifest says", "cut_and_resized": "cut short", "missing": "missing",
+                        "samples": "samples, its manifest", "frames": "frames, its manifest",
+                        "dim": "its manifest"}[case]  # fmt: skip
 
     def first(m: dict) -> dict:
         return m["splits"]["val"]["shards"][0]
