@@ -144,6 +144,11 @@ def test_checkpoints_hashed_by_their_writers_and_verified_when_asked(tiny_shards
         assert all(layout.owner(f) == 1 for f in by_rank[1]) and any("optim_states" in f for f in by_rank[1])
     good = ok(mtl("runs", "verify", str(out)))
     assert good.stdout.split() == ["step_00000002:", "ok", "step_00000004:", "ok"]
+    # a writer killed between its save and its hashing: that checkpoint is still good, by its sizes
+    (ckpts / "step_00000002" / f"{layout.HASHES}00001.json").unlink()
+    sizes_only = ok(mtl("runs", "verify", str(out))).stdout.splitlines()
+    assert sizes_only[0].startswith("step_00000002: ok (") and "never hashed" in sizes_only[0], sizes_only
+    assert layout.damage(ckpts / "step_00000002", full=True) is None
 
     victim = next((ckpts / "step_00000004").glob("zero_pp_rank_1_*optim_states.pt"))
     data = bytearray(victim.read_bytes())

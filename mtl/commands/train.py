@@ -57,11 +57,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _verify_run(args: argparse.Namespace) -> int:
-    from mtl.runs.layout import verify_run
+    from mtl.runs.layout import CHECKPOINTS, unhashed, verify_run
 
     bad = 0
+    root = args.dir / CHECKPOINTS if (args.dir / CHECKPOINTS).is_dir() else args.dir
     for tag, problem in verify_run(args.dir).items():
-        print(f"{tag}: {problem or 'ok'}")
+        sizes_only = [] if problem else unhashed(root / tag)
+        note = f" ({len(sizes_only)} file(s) never hashed, their writer stopped first: sizes only)" * bool(sizes_only)
+        print(f"{tag}: {problem or 'ok'}{note}")
         bad += problem is not None
     return 1 if bad else 0
 

@@ -154,8 +154,8 @@ def damage(tag_dir: Path, full: bool = False) -> str | None:
     except MtlError as exc:
         return str(exc)
     for rel in files:
-        if rel not in hashes:
-            return f"{rel} has no sha256 recorded (its writer stopped before hashing it)"
+        if rel not in hashes:  # its writer was stopped before hashing it: its size was checked above
+            continue
         if file_sha256(tag_dir / rel) != hashes[rel]:
             return f"{rel} does not match the sha256 recorded when it was saved"
     return None
@@ -172,6 +172,17 @@ def newest_intact(ckpt_dir: Path, warn: Callable[[str], None], full: bool = Fals
         os.replace(ckpt_dir / tag / COMPLETE, ckpt_dir / tag / DAMAGED)
         warn(f"checkpoint {ckpt_dir / tag} is damaged ({problem}); marked {DAMAGED}, falling back to the one before")
     return None
+
+
+def unhashed(tag_dir: Path) -> list[str]:
+    """Files of a complete tag with no sha256 recorded (a writer killed between its save and its hashing): only
+    their sizes can be checked."""
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files", {})
+        hashes = recorded_hashes(tag_dir)
+    except (OSError, ValueError, AttributeError, MtlError):
+        return []
+    return sorted(rel for rel in files if rel not in hashes)
 
 
 def verify_run(path: Path) -> dict[str, str | None]:
