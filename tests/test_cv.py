@@ -1,12 +1,12 @@
 """`mtl cv`: folds by video (`_left`/`_right` together, every task on both sides, deterministic), a fold run's loaders
 reading only its videos, a real K=2 cross-validation here with its MLflow parent and children, a rerun that skips
-the finished folds, and the SLURM array it would queue (built, not submitted)."""
+a finished fold and resumes a killed one from its checkpoint, and the SLURM array it would queue (built, not
+submitted)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import time
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,13 +118,18 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
         assert sorted(oof) == pytest.approx(sorted(r.data.metrics[f"val/{key}"] for r in children), abs=1e-4)
     assert "cv/fold_scores.png" in {a.path for a in c.list_artifacts(folds.parent_run_id, "cv")}
 
+    # as if the cv had been killed in fold 1 after its checkpoint: the rerun skips the finished fold 0 (not trained,
+    # its checkpoints untouched) and resumes fold 1 from its checkpoint (not from scratch: no checkpoint rewritten)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*/complete.json")}
-    t0 = time.time()
+    shutil.rmtree(out / "fold_1" / "export")
+    shutil.rmtree(out / "fold_1" / "eval_val")
     again = ok(mtl("cv", "--config", str(SMOKE), "--folds", "2", "--out", str(out), *overrides))
-    assert again.stdout.count("finished already") == 2 and "training in" not in again.stdout
+    assert "cv: fold 0: finished already" in again.stdout and "cv: fold 0: training in" not in again.stdout
+    assert "cv: fold 1: training in" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*/complete.json")} == stamps
+    child_1 = (out / "fold_1" / "mlflow_run_id").read_text().strip()
+    assert c.get_run(child_1).data.tags["resumed_from"] == "step_00000001"
     assert json.loads(again.stdout.strip().splitlines()[-1])["mean"] == pytest.approx(summary["mean"])
-    print(f"rerun: {time.time() - t0:.1f} s", file=sys.stderr)
 
     other = mtl("cv", "--config", str(SMOKE), "--folds", "2", "--seed", "1", "--out", str(out), *overrides)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
