@@ -45,12 +45,13 @@ def group_of(video: str) -> str:
 # ------------------------------------------------------------------------------------------------ assignment
 
 
-def assign(videos: dict[str, set[str]], k: int, seed: int) -> list[list[str]]:
+def assign(videos: dict[str, set[str]], k: int, seed: int, frames: dict[str, int] | None = None) -> list[list[str]]:
     """``videos``: video -> tasks it labels. K lists of held-out videos, grouped by recording, such that every task
     labelled anywhere is labelled in each fold's held-out videos and in the rest; deterministic in (videos, k, seed).
 
     Greedy with retries: recordings that carry the rarest task go first, each to the fold that lacks most of its
-    tasks (then the one with fewest videos); a failed try starts again in another seeded order. MtlError in one line
+    tasks, then to the one with the fewest frames so far (``frames`` per video; else videos are counted), so the
+    folds come out about equal in size; a failed try starts again in another seeded order. MtlError in one line
     when K exceeds the recordings, or a task has fewer labelled recordings than K, or no try succeeds."""
     groups: dict[str, list[str]] = {}
     for v in sorted(videos):
@@ -81,7 +82,7 @@ def assign(videos: dict[str, set[str]], k: int, seed: int) -> list[list[str]]:
             best = min(fold_order, key=lambda f: (-len(gtasks[g] - have[f]), sizes[f]))
             folds[best].append(g)
             have[best] |= gtasks[g]
-            sizes[best] += len(groups[g])
+            sizes[best] += sum(frames.get(v, 1) if frames else 1 for v in groups[g])
         if all(have[f] == set(all_tasks) and folds[f] for f in range(k)) and all(
             set().union(*(have[o] for o in range(k) if o != f)) == set(all_tasks) for f in range(k)
         ):
@@ -160,12 +161,16 @@ def labelled_samples(shards: str | Path, splits: list[str]) -> list[SampleInfo]:
 
 def make_folds(shards: str | Path, splits: list[str], k: int, seed: int) -> list[list[str]]:
     """The held-out videos of each of K folds over the labelled videos of ``splits``."""
-    videos = labelled_tasks(labelled_samples(shards, splits))
+    samples = labelled_samples(shards, splits)
+    videos = labelled_tasks(samples)
+    frames: dict[str, int] = {}
+    for s in samples:
+        frames[s.video] = frames.get(s.video, 0) + s.frames
     per_split = [{s.video for s in scan_split(shards, sp)} for sp in splits]
     both = sorted(v for v in videos if sum(v in vs for vs in per_split) > 1)
     if both:
         raise MtlError(f"{shards}: video {both[0]} is in more than one of the splits {splits}")
-    return assign(videos, k, seed)
+    return assign(videos, k, seed, frames)
 
 
 # ------------------------------------------------------------------------------------------------ a fold's data
