@@ -96,6 +96,7 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     folds = read_folds(out / FOLDS_FILE)
     assert (folds.k, folds.seed) == (2, 0) and summary["parent_run_id"] == folds.parent_run_id
+    assert summary["status"] == "finished" and [f["fold"] for f in summary["per_fold"]] == [0, 1]
     assert "#/experiments/" in proc.stdout and f"/runs/{folds.parent_run_id}" in proc.stdout
     for k in range(2):  # a normal run dir each, with its out-of-fold predictions
         assert (out / f"fold_{k}" / "export" / "last.safetensors").is_file()

@@ -293,7 +293,7 @@ def run_cv(
             out(line)
     summary: dict[str, Any] = {
         "cv": str(out_path), "folds": folds.k, "seed": folds.seed, "parent_run_id": folds.parent_run_id,
-        "mean": mean, "std": std,
+        "status": "finished", "mean": mean, "std": std,
         "per_fold": [{"fold": f.k, "run_id": f.cfg.tracking.run_id, "metrics": s} for f, s in zip(fold_list, per_fold)],
     }  # fmt: skip
     out(json.dumps(summary))
