@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cli.register(sub)  # synth, pack, shards
     engine_cli.register(sub)  # train, eval, demo
-    launch_cli.register(sub)  # submit (and submit --sweep)
+    launch_cli.register(sub)  # submit (and submit --sweep), cv
     predict_cli.register(sub)  # predict (raw videos and frame folders)
     features_cli.register(sub)  # features (cache per-frame features: stage one of the two-stage recipe)
     return parser

@@ -49,6 +49,15 @@ class FeatureAugmentConfig(_Section):
     jitter: Int = Field(0, ge=0)  # each frame reads the feature of a frame up to this far away (labels stay)
 
 
+class FoldsConfig(_Section):
+    """One fold of a cross-validation (`mtl cv` sets both): train on every labelled video of data.train_split and
+    data.val_split that fold ``fold`` of ``file`` (a ``folds.json``) does not hold out, and validate on the ones it
+    does. In the config, so that a fold run's saved config (and its resume, and `mtl eval`) reads the same data."""
+
+    file: Str | None = None  # a folds.json written by `mtl cv` (mtl.data.folds)
+    fold: Int | None = Field(None, ge=0)
+
+
 class DataConfig(_Section):
     shards: Str = "shards/synth"  # a directory holding manifest.json, as written by `mtl pack`
     # directories written by `mtl features` from data.shards: when set, the trunk and heads train on these cached
@@ -66,6 +75,7 @@ class DataConfig(_Section):
     mean: tuple[Float, Float, Float] | None = None  # None: the backbone's own (timm pretrained_cfg)
     std: tuple[Float, Float, Float] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    folds: FoldsConfig = Field(default_factory=FoldsConfig)  # cross-validation: which videos train and validate
 
 
 class TemporalConfig(_Section):
@@ -240,6 +250,14 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"data.augment.crop_scale: expected 0 < low <= high <= 1, got {[lo, hi]}")
     if cfg.data.feature_augment.dropout >= 1:
         raise ConfigError(f"data.feature_augment.dropout: expected a value < 1, got {cfg.data.feature_augment.dropout}")
+    f = cfg.data.folds
+    if (f.file is None) != (f.fold is None):
+        given, missing = ("data.folds.file", "data.folds.fold")
+        if f.fold is not None:
+            given, missing = missing, given
+        raise ConfigError(f"{given} is set but {missing} is not: a fold needs both (`mtl cv` sets them)")
+    if f.file is not None and cfg.data.features:
+        raise ConfigError("data.folds.file: folds select videos of the pixel shards; not supported with data.features")
     if cfg.model.temporal.dim % cfg.model.temporal.heads:
         raise ConfigError(
             f"model.temporal.dim ({cfg.model.temporal.dim}) must be divisible by model.temporal.heads "

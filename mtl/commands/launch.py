@@ -24,6 +24,12 @@ def _submit(args: argparse.Namespace) -> int:
     return submit(args.config, args.overrides, _flags(args), wait=args.wait)
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from mtl.launch.cv import run_cv
+
+    return run_cv(args.config, args.overrides, _flags(args), args.folds, args.seed, args.out, wait=args.wait)
+
+
 def _slurm_train(args: argparse.Namespace) -> int:
     from mtl.engine.preemption import StopFlag
 
@@ -82,6 +88,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="a sweep YAML: one job array")
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser(
+        "cv",
+        help="K-fold cross-validation by video over train + val: one run per fold, here or as a SLURM job array",
+        description="Split the labelled videos of train and val into K folds (by video, `_left`/`_right` together, "
+        "every task labelled on both sides of each fold; <out>/folds.json), train fold k on the others and "
+        "validate on it (<out>/fold_<k>, an MLflow child run of one parent run), write its out-of-fold predictions "
+        "(<out>/fold_<k>/eval_val), and log the folds' mean and std to the parent. Without SLURM options the folds "
+        "run one after another here; with them, as one job array. Rerun the same command to resume: finished folds "
+        "are skipped. The last line printed is the summary as JSON.",
+    )
+    _add_common(p)
+    p.add_argument("--folds", type=int, required=True, metavar="K", help="number of folds (>= 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the fold assignment (default 0)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="cv dir (default: train.output_dir)")
+    p.set_defaults(func=_cv)
 
     p = sub.add_parser(
         "slurm-train",

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtl.allocator import keep_freed_memory
+from mtl.data.folds import fold_role, fold_samples
 from mtl.data.legs import Leg, share, shuffle_seed, shuffled, train_batches_per_epoch, unread
 from mtl.data.manifest import read_manifest
 from mtl.data.prefetch import prefetch
@@ -46,6 +47,7 @@ from mtl.data.ring import PixelRing
 from mtl.data.seeds import derive_seed
 from mtl.data.shardio import Sample, ShardReader, check_size, parse_sample, read_raw
 from mtl.data.transforms import ClipAugment, ClipTransform, decode_clip
+from mtl.data.video_index import SampleInfo
 from mtl.errors import DataError, MtlError
 from mtl.tasks import tasks
 
@@ -70,6 +72,9 @@ class SplitTable:
     counts: list[int]
     sample_frames: list[list[int]]
     sizes: list[int | None]  # bytes per shard in the manifest (None: not recorded), checked at every open
+    # per shard, the samples (indices in the shard file) it stands for, in order; None: all of them. A fold run's
+    # selection of videos (mtl.data.folds): then sample i of a shard here is sample indices[s][i] of its file
+    indices: list[list[int] | None] | None = None
 
     @classmethod
     def load(cls, root: str | Path, split: str) -> SplitTable:
@@ -82,6 +87,48 @@ class SplitTable:
         for path, size in zip(table.paths, table.sizes):
             check_size(path, size)
         return table
+
+    @classmethod
+    def select(cls, root: str | Path, samples: list[SampleInfo]) -> SplitTable:
+        """The shards (of any splits) holding ``samples``, each standing for just those of its samples, in shard
+        order; shards with none are left out."""
+        root = Path(root)
+        manifest = read_manifest(root)
+        wanted: dict[tuple[str, int], list[int]] = {}
+        for s in samples:
+            wanted.setdefault((s.split, s.shard), []).append(s.index)
+        table = cls(root, [], [], [], [], [])
+        for split in dict.fromkeys(s.split for s in samples):
+            for i, shard in enumerate(manifest.split(split).shards):
+                keep = sorted(wanted.get((split, i), []))
+                if not keep:
+                    continue
+                table.paths.append(root / shard.path)
+                table.counts.append(len(keep))
+                table.sample_frames.append([shard.sample_frames[j] for j in keep])
+                table.sizes.append(shard.bytes)
+                table.indices.append(keep)
+        for path, size in zip(table.paths, table.sizes):
+            check_size(path, size)
+        return table
+
+    def file_index(self, shard: int, i: int) -> int:
+        """Sample ``i`` of shard ``shard`` here, as an index in the shard file."""
+        idx = self.indices[shard] if self.indices is not None else None
+        return i if idx is None else idx[i]
+
+    def read(self, p: Piece) -> Iterator[tuple[int, dict]]:
+        """(index here, raw sample) of the samples of piece ``p``: the file's, or the selected ones only."""
+        path, size = self.paths[p.shard], self.sizes[p.shard]
+        idx = self.indices[p.shard] if self.indices is not None else None
+        if idx is None:
+            for raw in read_raw(path, p.first, p.stop, size):
+                yield raw["__index__"], raw
+            return
+        wanted = idx[p.first : p.stop]
+        here = {j: p.first + n for n, j in enumerate(wanted)}
+        for raw in read_raw(path, wanted[0], wanted[-1] + 1, size, only=frozenset(wanted)):
+            yield here[raw["__index__"]], raw
 
     @property
     def samples(self) -> int:
@@ -373,8 +420,8 @@ class TrainStream(IterableDataset):
 
     def _raw(self, pieces: list[Piece]) -> Iterator[dict]:
         for p in pieces:
-            for raw in read_raw(self.table.paths[p.shard], p.first, p.stop, self.table.sizes[p.shard]):
-                raw["__sample__"] = self.base[p.shard] + raw["__index__"]
+            for i, raw in self.table.read(p):
+                raw["__sample__"] = self.base[p.shard] + i
                 raw["__where__"] = str(self.table.paths[p.shard])
                 yield raw
 
@@ -452,6 +499,18 @@ class TrainLoader:
             it._shutdown_workers()
 
 
+def split_table(data_cfg, split: str) -> SplitTable:
+    """The shards a loader of ``split`` reads: the packed split, or in a fold run (data.folds) the fold's training
+    or held-out videos of the train and val splits (``mtl.data.folds``)."""
+    role = fold_role(data_cfg, split)
+    if role is None:
+        return SplitTable.load(data_cfg.shards, split)
+    samples = fold_samples(data_cfg, role)
+    if not samples:
+        raise DataError(f"{data_cfg.folds.file}: fold {data_cfg.folds.fold} leaves no sample to {role} on")
+    return SplitTable.select(data_cfg.shards, samples)
+
+
 def make_train_loader(
     data_cfg,
     *,
@@ -478,7 +537,7 @@ def make_train_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    table = SplitTable.load(data_cfg.shards, data_cfg.train_split)
+    table = split_table(data_cfg, data_cfg.train_split)
     n = train_batches_per_epoch(table.samples, world_size, data_cfg.batch_size)
     if n == 0:
         raise DataError(
@@ -526,7 +585,7 @@ class EvalStream(IterableDataset):
                 shard, index, a = clips[k]
                 if last is None or last[0] != (shard, index):
                     path = self.table.paths[shard]
-                    raw = reader.get(path, index, self.table.sizes[shard])
+                    raw = reader.get(path, self.table.file_index(shard, index), self.table.sizes[shard])
                     last = ((shard, index), parse_sample(raw, str(path)))
                 s = last[1]
                 b = min(a + t, len(s))
@@ -573,7 +632,7 @@ def make_eval_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    table = SplitTable.load(data_cfg.shards, split)
+    table = split_table(data_cfg, split)
     n_batches, batches = plan_eval(table.sample_frames, data_cfg.clip_len, data_cfg.eval_batch_size, rank, world_size)
     return EvalLoader(
         EvalStream(table, batches, data_cfg, mean, std), n_batches, data_cfg.num_workers, *_placement(device)

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import group_by_keys
-from webdataset.writer import TarWriter
 
 from mtl.errors import DataError, naming
 from mtl.tasks import tasks
@@ -71,6 +69,8 @@ def encode_sample(index: int, meta: dict, jpegs: list[bytes | None]) -> dict:
 
 def write_shard(path: Path, samples: list[dict]) -> None:
     """Write atomically: a ``.tmp`` file, fsync, then rename, so a file named ``*.tar`` is always complete."""
+    from webdataset.writer import TarWriter  # here: webdataset imports torch, which reading metadata needs not
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         with naming(tmp), open(tmp, "wb") as f:
@@ -111,14 +111,19 @@ def _member_index(name: str) -> int:
     return int(stem) if stem.isdigit() else -1
 
 
-def read_raw(path: Path, first: int = 0, stop: int | None = None, size: int | None = None) -> Iterator[dict]:
+def read_raw(
+    path: Path, first: int = 0, stop: int | None = None, size: int | None = None, only: frozenset[int] | None = None
+) -> Iterator[dict]:
     """Raw samples (``__key__``, ``json``, ``jpgs`` bytes) with index in [first, stop), in shard order; ``size``:
-    the shard's bytes in the manifest, checked first (``check_size``).
+    the shard's bytes in the manifest, checked first (``check_size``); ``only``: just these indices (the others in
+    the range are seeked over, not read: a fold's selection of videos, ``mtl.data.folds``).
 
     Opens the tar seekable ("r:"), so members before ``first`` are skipped by seeking over them, not read: a worker
     that starts in the middle of a shard pays for the headers only. Grouping of members into samples is
     webdataset's own ``group_by_keys``.
     """
+
+    from webdataset.tariterators import group_by_keys
 
     def members() -> Iterator[dict]:
         check_size(path, size)
@@ -131,6 +136,8 @@ def read_raw(path: Path, first: int = 0, stop: int | None = None, size: int | No
                     continue
                 if stop is not None and idx >= stop:
                     break
+                if only is not None and idx not in only:
+                    continue
                 yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": str(path)}
 
     try:
@@ -138,6 +145,20 @@ def read_raw(path: Path, first: int = 0, stop: int | None = None, size: int | No
             raw["__index__"] = _member_index(raw["__key__"])
             yield raw
     except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc}); run `mtl shards verify`") from None
+
+
+def read_meta(path: Path, size: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(index, parsed ``.json`` member) of every sample of a shard, in shard order; the JPEG members are seeked
+    over, not read. What a selection of samples by video needs (``mtl.data.folds``)."""
+    check_size(path, size)
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                if info.isreg() and info.name.endswith(".json"):
+                    idx = _member_index(info.name)
+                    yield idx, json.loads(tf.extractfile(info).read())
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise DataError(f"{path}: unreadable shard ({exc}); run `mtl shards verify`") from None
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mtl.config import Config, dump_yaml, flatten, replace, to_dict
+from mtl.data.folds import training_task_stats
 from mtl.data.legs import Leg
 from mtl.data.manifest import LabelledSplit, read_manifest
 from mtl.data.prefetch import prefetch
@@ -158,7 +159,7 @@ class Trainer:
         if self.source.uses_features:
             self.source.split(cfg.data.train_split)
         model = self.source.build_model()
-        self.loss_fn = MultiTaskLoss(cfg.loss, train_entry.task_stats())
+        self.loss_fn = MultiTaskLoss(cfg.loss, training_task_stats(cfg.data, train_entry.task_stats()))  # a fold's own
         universal = resume_from is not None and self._universal(resume_from)
         self.engine = build_engine(model, cfg, self.env.world_size, self.env.device, load_universal=universal)
         self.state = ckpt.TrainState(config=to_dict(cfg))

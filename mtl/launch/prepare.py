@@ -33,7 +33,12 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
         resume = _abs(resume, base)
     return replace(
         cfg,
-        data=replace(cfg.data, shards=_abs(cfg.data.shards, base), features=[_abs(f, base) for f in cfg.data.features]),
+        data=replace(
+            cfg.data,
+            shards=_abs(cfg.data.shards, base),
+            features=[_abs(f, base) for f in cfg.data.features],
+            folds=replace(cfg.data.folds, file=_abs(cfg.data.folds.file, base)),
+        ),
         model=replace(cfg.model, pretrained_file=_abs(cfg.model.pretrained_file, base)),
         train=replace(cfg.train, output_dir=_abs(cfg.train.output_dir, base), resume=resume),
         tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking)),

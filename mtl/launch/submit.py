@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mtl.config import Config, replace, to_dict
 from mtl.errors import MtlError
@@ -57,13 +58,14 @@ def describe(cfg: Config, partition: str) -> str:
     )
 
 
-def queue_plan(plan: Plan) -> list[Queued]:
-    """Queue the plan's jobs (one plain job, or one array) and tag each run with its job and its log."""
+def queue_plan(plan: Plan, task: Any = None) -> list[Queued]:
+    """Queue the plan's jobs (one plain job, or one array) and tag each run with its job and its log. ``task``: what
+    each job runs with its config (default `mtl.launch.task.TrainTask`; `mtl cv` adds its held-out evaluation)."""
     from mtl.launch.task import TrainTask
 
     t = plan.first.tracking
     try:
-        jobs = queue(plan.first, plan.partition, plan.title, TrainTask(), [(to_dict(c),) for c in plan.cfgs],
+        jobs = queue(plan.first, plan.partition, plan.title, task or TrainTask(), [(to_dict(c),) for c in plan.cfgs],
                      array=plan.array)  # fmt: skip
     except MtlError as exc:
         if plan.made:

@@ -57,7 +57,8 @@ POLICY: dict[str, Kind] = {
     "tracking.run_id": UNCOMPARED,  # the checkpoint's own run wins
     "slurm": SETTING,
 }
-PATHS = ("data.shards", "data.features", "model.pretrained_file", "train.output_dir")  # compared resolved
+# compared resolved
+PATHS = ("data.shards", "data.features", "data.folds.file", "model.pretrained_file", "train.output_dir")
 
 
 def kind_of(key: str) -> Kind:

@@ -89,3 +89,23 @@ def to_image(fig: Figure) -> np.ndarray:
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def fold_scores(per_fold: Sequence[dict[str, float]], keys: Sequence[str]) -> Figure:
+    """Cross-validation (`mtl cv`): each score of each fold's held-out videos, a group of bars per score, and the
+    mean over the folds as a line across its group: how much the folds disagree, at a glance."""
+    k, n = len(per_fold), len(keys)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * n * max(k, 2) / 2 + 2), 4))
+    width = 0.8 / max(k, 1)
+    for f, scores in enumerate(per_fold):
+        xs = np.arange(n) + (f - (k - 1) / 2) * width
+        ax.bar(xs, [scores.get(key, np.nan) for key in keys], width, label=f"fold {f}")
+    for i, key in enumerate(keys):
+        mean = float(np.mean([s[key] for s in per_fold]))
+        ax.hlines(mean, i - 0.45, i + 0.45, colors="black", linestyles="--")
+    ax.set_xticks(range(n), list(keys), rotation=30, ha="right")
+    ax.set_ylabel("held-out score")
+    ax.set_title(f"{k}-fold cross-validation (dashed: mean)")
+    ax.legend(fontsize=7, ncol=min(k, 5))
+    fig.tight_layout()
+    return fig
