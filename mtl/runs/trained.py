@@ -20,6 +20,7 @@ from mtl.runs.export import consolidate, load_weights
 from mtl.runs.inputs import DataSource
 from mtl.runs.layout import Checkpoint, resolve_trained, trained_run_id
 from mtl.runs.model_io import Norm
+from mtl.tasks import task_names
 
 
 def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -58,8 +59,11 @@ class TrainedModel:
 
 
 def predicted_tasks(weights: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """The tasks a trained network predicts: those it has a head for (``heads.<task>.*``), in its order."""
-    return tuple(dict.fromkeys(k.split(".")[1] for k in weights if k.startswith("heads.")))
+    """The tasks a trained network predicts: those it has a head for (``heads.<task>.*``), registered ones in the
+    registry's order, then any other by name."""
+    heads = {k.split(".")[1] for k in weights if k.startswith("heads.")}
+    known = tuple(n for n in task_names() if n in heads)
+    return known + tuple(sorted(heads - set(known)))
 
 
 def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
