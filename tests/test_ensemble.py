@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from mtl.errors import MtlError
-from mtl.evaluation.ensemble import average, check_same_tasks, expand_runs
+from mtl.evaluation.ensemble import average, check_same_tasks, combine_folds, expand_runs
 from mtl.evaluation.evaluate import FramePredictions, score_predictions
 from mtl.evaluation.postprocess import FittedOn, Smoothing, fit, load_postprocess, smooth, video_segments
 from mtl.runs.export import CONFIG_KEY, load_weights, save_weights
-from mtl.tasks import tasks
+from mtl.tasks import get_task, tasks
 
 # ------------------------------------------------------------------------------------------------ arrays
 
@@ -125,9 +125,18 @@ def test_average_aligns_by_frame_and_weights_and_folds_expand(tmp_path: Path) ->
         (cv / f"fold_{k}").mkdir(parents=True)
     (cv / "other").mkdir()
     (cv / "folds.json").write_text("{}")
-    runs, w = expand_runs([cv, tmp_path / "single"], [2, 1])
-    assert runs == [cv / "fold_0", cv / "fold_2", cv / "fold_10", tmp_path / "single"]
-    np.testing.assert_allclose(w, [2 / 9, 2 / 9, 2 / 9, 1 / 3])
+    folds, single = expand_runs([cv, tmp_path / "single"], [3, 1])
+    assert folds.runs == (cv / "fold_0", cv / "fold_2", cv / "fold_10") and single.runs == (tmp_path / "single",)
+    assert (folds.weight, single.weight) == (0.75, 0.25)
+    # their predictions: on each fold's held-out videos, the union (out-of-fold); on the same frames, the mean
+    halves = [FramePredictions.from_arrays([v] * 30, list(range(30)), {k: x[:30] for k, x in a.arrays().items()},
+                                           *(dict.fromkeys(a.label_arrays()[i], np.zeros(30)) for i in (0, 1)))
+              for v in ("x", "y")]  # fmt: skip
+    oof, how = combine_folds(halves, cv)
+    assert how == "out-of-fold" and oof.video == ["x"] * 30 + ["y"] * 30 and len(oof.label_arrays()[0]["au"]) == 60
+    assert combine_folds([a, b], cv)[1] == "mean"
+    with pytest.raises(MtlError, match="overlapping but different frames"):
+        combine_folds([a, halves[0], short], cv)
     with pytest.raises(MtlError, match="--weights: 1 weights for 2 --checkpoint paths"):
         expand_runs([cv, tmp_path], [1])
     with pytest.raises(MtlError, match="non-negative"):
@@ -191,7 +200,7 @@ def test_ensembles_and_postprocessing_end_to_end(trained_run: Path, tmp_path: Pa
     printed = _eval(capsys, "--checkpoint", str(a), str(a), "--out", str(tmp_path / "aa"))
     assert "an ensemble of 2 runs" in printed and "nothing logged to MLflow" in printed
     assert _headlines(tmp_path / "aa" / "metrics.json") == pytest.approx(_headlines(single / "metrics.json"), abs=1e-6)
-    assert json.loads((tmp_path / "aa" / "ensemble.json").read_text())["weights"] == [0.5, 0.5]
+    assert [m["weight"] for m in json.loads((tmp_path / "aa" / "ensemble.json").read_text())["members"]] == [0.5, 0.5]
 
     # A and B (other weights, clip length 8 instead of 4), weights 1:3: each frame's outputs are the weighted mean
     _eval(capsys, "--checkpoint", str(b), "--out", str(tmp_path / "b_alone"))
@@ -252,3 +261,30 @@ def test_ensembles_and_postprocessing_end_to_end(trained_run: Path, tmp_path: Pa
                  str(tmp_path / "o")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert "other.json: fitted for tasks va, expr but the model predicts va, expr, au" in err and "\n" not in err
+
+
+def test_predict_csv_smooths_each_input_and_decides_at_the_files_thresholds(tmp_path: Path) -> None:
+    from mtl.predict.windows import FrameOutput
+    from mtl.predict.write import PredictionCsv
+
+    preds = _noisy(videos=2, n=60)
+    pp = fit(preds, FittedOn(runs=["r"], weights=[1.0], split="val", frames=120, videos=2), kinds=("box",), widths=(3,))
+    for f in pp.tasks.values():
+        f.smoothing = Smoothing(kind="box", width=3)
+    pp.tasks["au"].thresholds = [0.9] * 12
+    rng = np.random.default_rng(0)
+    values = [{t.name: rng.random(t.width).astype(np.float32) for t in tasks()} for _ in range(10)]
+    writer = PredictionCsv(tmp_path / "clip.csv", tasks(), pp.thresholds(), pp)
+    for i in (2, 0, 1, *range(3, 10)):  # out of order: held, then written in frame order
+        writer.row(i / 30, None, FrameOutput(i, values[i]))
+    assert not (tmp_path / "clip.csv").exists()
+    writer.commit()
+    with open(tmp_path / "clip.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["frame"]) for r in rows] == list(range(10))
+    valence = np.array([v["va"][0] for v in values])
+    assert float(rows[4]["valence"]) == pytest.approx(valence[3:6].mean(), abs=1e-5)
+    assert float(rows[0]["valence"]) == pytest.approx(valence[:2].mean(), abs=1e-5)  # cut at the input's start
+    au = get_task("au")
+    for r in rows:
+        assert all(int(r[c]) == int(float(r[f"p_{c}"]) >= 0.9) for c in au.columns)

@@ -3,13 +3,15 @@
 Each run is evaluated on its own (its backbone, its input: pixels or cached features, its clip length), so only
 what it predicts per frame meets the others': VA values, EXPR and AU probabilities, which are averaged with the
 weights normalised to sum 1. A directory of cross-validation folds (``folds.json`` beside ``fold_<k>/`` run
-directories, as `mtl cv` leaves them) stands for its folds, which share its weight equally.
+directories, as `mtl cv` leaves them) stands for its folds: on a split each fold predicted in full (a test split)
+their mean, on its validation split (each fold's held-out videos) their union, the out-of-fold predictions.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +35,46 @@ def fold_runs(path: Path) -> list[Path] | None:
     return [p for _, p in folds]
 
 
-def expand_runs(paths: Sequence[Path], weights: Sequence[float] | None = None) -> tuple[list[Path], np.ndarray]:
-    """The runs the paths stand for (a folds directory: its folds) and their weights, normalised to sum 1; the
-    weight given to a folds directory is shared by its folds."""
+@dataclass(frozen=True)
+class Member:
+    """One path given: a run, or a folds directory standing for its fold runs; its weight in the ensemble."""
+
+    path: Path
+    runs: tuple[Path, ...]
+    weight: float
+
+
+def expand_runs(paths: Sequence[Path], weights: Sequence[float] | None = None) -> list[Member]:
+    """The runs each path stands for (a folds directory: its folds), with the weights normalised to sum 1."""
     if weights is not None and len(weights) != len(paths):
         raise MtlError(f"--weights: {len(weights)} weights for {len(paths)} --checkpoint paths; give one per path")
     given = np.ones(len(paths)) if weights is None else np.asarray(weights, dtype=float)
     if not np.all(np.isfinite(given)) or (given < 0).any() or given.sum() <= 0:
         raise MtlError(f"--weights {' '.join(f'{w:g}' for w in given)}: expected non-negative numbers, not all 0")
-    runs: list[Path] = []
-    each: list[float] = []
-    for path, w in zip(paths, given):
-        folds = fold_runs(Path(path)) or [Path(path)]
-        runs += folds
-        each += [w / len(folds)] * len(folds)
-    out = np.asarray(each)
-    return runs, out / out.sum()
+    given = given / given.sum()
+    return [Member(Path(p), tuple(fold_runs(Path(p)) or [Path(p)]), float(w)) for p, w in zip(paths, given)]
+
+
+def combine_folds(folds: Sequence[FramePredictions], path: Path) -> tuple[FramePredictions, str]:
+    """One prediction per frame from the fold runs of ``path``: where each predicted its own held-out videos (a
+    fold run's validation split is what it held out), their union (out-of-fold predictions); where all predicted
+    the same frames (a test split), their mean. Returns it and which of the two it was."""
+    keys = [set(zip(f.video, f.frame)) for f in folds]
+    if len(folds) == 1 or all(k == keys[0] for k in keys):
+        return average(folds, np.full(len(folds), 1 / len(folds)), [path] * len(folds)), "mean"
+    if sum(len(k) for k in keys) != len(set().union(*keys)):
+        raise MtlError(f"{path}: its folds predicted overlapping but different frames of the split; neither "
+                       "out-of-fold (disjoint) nor the same frames (to average)")  # fmt: skip
+    arrays = [f.arrays() for f in folds]
+    labels = [f.label_arrays() for f in folds]
+    names = list(arrays[0])
+    have = [n for n in labels[0][0] if all(n in lab[0] for lab in labels)]
+    return FramePredictions.from_arrays(
+        [v for f in folds for v in f.video], [x for f in folds for x in f.frame],
+        {n: np.concatenate([a[n] for a in arrays]) for n in names},
+        {n: np.concatenate([lab[0][n] for lab in labels]) for n in have},
+        {n: np.concatenate([lab[1][n] for lab in labels]) for n in have},
+    ), "out-of-fold"  # fmt: skip
 
 
 def check_same_tasks(members: Sequence[tuple[Path, tuple[str, ...]]]) -> None:

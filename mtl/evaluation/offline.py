@@ -32,7 +32,7 @@ from mtl.evaluation.evaluate import (
     write_test_submission,
 )
 from mtl.evaluation.members import predict_split
-from mtl.evaluation.postprocess import POSTPROCESS_FILE, PostProcess, load_postprocess, postprocess_beside
+from mtl.evaluation.postprocess import POSTPROCESS_FILE, PostProcess, load_postprocess, postprocess_file
 from mtl.runs.layout import Checkpoint, eval_dir, resolve_trained
 
 THRESHOLDS_FILE = "thresholds.json"  # per multi-label task, the per-unit thresholds tuned on the split evaluated
@@ -76,7 +76,7 @@ def run_eval(
 
     paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(p) for p in checkpoint]
     out_dir = output_dir(paths, split, out_dir)
-    pp_path = _postprocess_path(paths, postprocess)
+    pp_path = postprocess_file(paths, postprocess)
     # a broken store stops here (one run: its outputs are logged), not after the outputs are written
     got = predict_split(paths, split, overrides, device, weights, before_eval=lambda cfg: check_attach(cfg.tracking))
     pp = load_postprocess(pp_path, got.tasks) if pp_path else None
@@ -90,8 +90,7 @@ def run_eval(
         written.append(POSTPROCESS_FILE)
         print(f"post-processing of {pp_path} applied ({_describe(pp)})")
     if got.ensemble:
-        record = {"runs": [str(p) for p in got.runs], "weights": got.weights.tolist(), "split": split}
-        (out_dir / ENSEMBLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (out_dir / ENSEMBLE_FILE).write_text(json.dumps({**got.record(), "split": split}, indent=2) + "\n")
     if isinstance(got.entry, UnlabelledSplit):
         tuned = {} if (pp or got.ensemble) else tuned_thresholds(got.runs[0])[0]
         _write_test(got.root, split, got.entry, preds, out_dir, pp_thresholds, tuned)
@@ -110,23 +109,13 @@ def run_eval(
         written.append("metrics.json")
         print(f"predictions, metrics and ABAW submission files written to {out_dir}")
     if got.ensemble:
-        print(f"an ensemble of {len(got.runs)} runs (weights {', '.join(f'{w:.3g}' for w in got.weights)}; "
-              f"{out_dir / ENSEMBLE_FILE}): no single run's, so nothing logged to MLflow")  # fmt: skip
+        how = ", ".join(f"{m.path} ({c}, weight {m.weight:.3g})" for m, c in zip(got.members, got.combined))
+        print(f"an ensemble of {len(got.runs)} runs: {how}; recorded in {out_dir / ENSEMBLE_FILE}. No single run's: "
+              "nothing logged to MLflow")  # fmt: skip
     else:
         where = f"eval/{split}/{label(got.runs[0])}"
         print(attach(got.cfg.tracking, [out_dir / n for n in written], where), flush=True)
     return scores
-
-
-def _postprocess_path(paths: Sequence[Path], given: Path | str | None) -> Path | None:
-    if given is not None:
-        if str(given) == "none":
-            return None
-        if not Path(given).is_file():
-            raise MtlError(f"--postprocess {given}: no such file")
-        return Path(given)
-    beside = postprocess_beside(paths[0]) if len(paths) == 1 else None
-    return beside if beside is not None and beside.is_file() else None
 
 
 def _describe(pp: PostProcess) -> str:

@@ -65,6 +65,9 @@ class TaskFit(BaseModel):
 
 
 class FittedOn(BaseModel):
+    """The predictions fitted on: the paths given (runs, or folds directories: out-of-fold on their validation
+    split), their weights, the split and its size."""
+
     model_config = ConfigDict(extra="forbid")
     runs: list[str]
     weights: list[float]
@@ -91,11 +94,16 @@ class PostProcess(BaseModel):
 
     def apply(self, preds: FramePredictions) -> FramePredictions:
         """The predictions smoothed as fitted (thresholds are applied where decisions are made: ``thresholds()``)."""
-        arrays = preds.arrays()
-        segments = video_segments(preds.video, preds.frame)
-        out = {n: smooth(a, segments, self.tasks[n].smoothing) if n in self.tasks else a for n, a in arrays.items()}
+        out = self.smooth_arrays(preds.arrays(), preds.video, preds.frame)
         labels, valid = preds.label_arrays()
         return FramePredictions.from_arrays(preds.video, preds.frame, out, labels, valid)
+
+    def smooth_arrays(
+        self, arrays: dict[str, np.ndarray], video: Sequence[str], frame: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        """Task -> [frames, width] values smoothed along each video's frames, as fitted for each task."""
+        segments = video_segments(video, frame)
+        return {n: smooth(a, segments, self.tasks[n].smoothing) if n in self.tasks else a for n, a in arrays.items()}
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,3 +233,15 @@ def postprocess_beside(path: Path) -> Path:
     """Where a run's (or a folds directory's) file lives: in the directory given, or beside the file given."""
     path = Path(path)
     return (path if path.is_dir() else path.parent) / POSTPROCESS_FILE
+
+
+def postprocess_file(paths: Sequence[Path], given: Path | str | None) -> Path | None:
+    """The file to apply: ``given`` (``none``: no file), else the one beside the single path given, if any."""
+    if given is not None:
+        if str(given) == "none":
+            return None
+        if not Path(given).is_file():
+            raise MtlError(f"--postprocess {given}: no such file")
+        return Path(given)
+    beside = postprocess_beside(paths[0]) if len(paths) == 1 else None
+    return beside if beside is not None and beside.is_file() else None

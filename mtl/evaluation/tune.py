@@ -34,7 +34,7 @@ def run_fit(
     got = predict_split(paths, split, overrides, device, weights, before_eval=lambda cfg: check_attach(cfg.tracking))
     if not got.labelled:
         raise MtlError(f"split {split!r} is unlabelled: post-processing is fitted on a labelled held-out split")
-    fitted_on = FittedOn(runs=[str(p) for p in got.runs], weights=got.weights.tolist(), split=split,
+    fitted_on = FittedOn(runs=[str(m.path) for m in got.members], weights=[m.weight for m in got.members], split=split,
                          frames=len(got.preds.frame), videos=len(set(got.preds.video)))  # fmt: skip
     pp = fit(got.preds, fitted_on, kinds, widths)
     pp.save(target)

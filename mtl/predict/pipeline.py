@@ -64,7 +64,7 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
     follower = FaceFollower(detector, detect_size=opts.detect_size, full_every=opts.full_every)
     cropper = FaceCropper(run.image_size, run.mean, run.std, opts.crop_scale)
     predictor = WindowedPredictor(run.model, run.tasks, cropper.normalise, window, stride, run.device)
-    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds)
+    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds, run.postprocess)
     held: dict[int, tuple[float, Box | None]] = {}
     undecoded: list[str] = []
     times, vas, exprs, faces = [], [], [], []
