@@ -288,3 +288,11 @@ def test_predict_csv_smooths_each_input_and_decides_at_the_files_thresholds(tmp_
     au = get_task("au")
     for r in rows:
         assert all(int(r[c]) == int(float(r[f"p_{c}"]) >= 0.9) for c in au.columns)
+
+
+def test_overrides_after_several_checkpoints_stay_overrides_as_typed(tmp_path: Path) -> None:
+    from mtl.commands.train import split_overrides
+
+    uri = "tracking.uri=sqlite:////abs/mlflow.db"  # a Path would fold the four slashes
+    paths, overrides = split_overrides([str(tmp_path), "runs/b", uri], ["data.shards=x"])
+    assert paths == [tmp_path, Path("runs/b")] and overrides == [uri, "data.shards=x"]

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("postprocess", help="post-processing of per-frame predictions (smoothing, AU thresholds)")
     inner = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     f = inner.add_parser("fit", help="fit per-task smoothing and per-unit thresholds on a labelled held-out split")
-    f.add_argument("--checkpoint", type=Path, required=True, nargs="+", metavar="RUN",
+    f.add_argument("--checkpoint", required=True, nargs="+", metavar="RUN",
                    help="run dir, checkpoint or .safetensors; several: an ensemble; folds dir: its folds")  # fmt: skip
     f.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="an ensemble's weights")
     f.add_argument("--split", default="val", help="a labelled split the runs were not trained on (default val)")

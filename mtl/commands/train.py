@@ -39,11 +39,11 @@ def print_result(result: TrainResult) -> None:
             print(summary_line(result.metrics))
 
 
-def split_overrides(paths: list[Path], overrides: list[str]) -> tuple[list[Path], list[str]]:
+def split_overrides(paths: list[str], overrides: list[str]) -> tuple[list[Path], list[str]]:
     """``--checkpoint A B key=value``: argparse hands the overrides that follow a list of paths to the list; a
-    ``key=value`` that is no existing path is an override."""
-    moved = [str(p) for p in paths if "=" in str(p) and not p.exists()]
-    return [p for p in paths if str(p) not in moved], moved + list(overrides)
+    ``key=value`` that is no existing path is an override (kept as typed: a Path would fold ``sqlite:////``)."""
+    moved = [p for p in paths if "=" in p and not Path(p).exists()]
+    return [Path(p) for p in paths if p not in moved], moved + list(overrides)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on one process; write predictions and ABAW files")
-    p.add_argument("--checkpoint", type=Path, required=True, nargs="+", metavar="RUN",
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="RUN",
                    help="run dir, checkpoint tag dir or .safetensors; several: an ensemble (per-frame predictions "
                         "averaged); a folds dir (folds.json + fold_<k>/): its folds")  # fmt: skip
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",

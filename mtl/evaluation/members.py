@@ -63,8 +63,8 @@ def predict_split(
     before_eval: Callable[[Config], None] | None = None,
 ) -> Predicted:
     """Every run's per-frame predictions on ``split`` (tasks checked first, before any is evaluated), a folds
-    directory's combined (``combine_folds``), then the members' weighted mean. ``before_eval(cfg)`` runs once the
-    first run's config is known (e.g. to check its MLflow store)."""
+    directory's combined (``combine_folds``), then the members' weighted mean. ``before_eval(cfg)`` runs once a
+    single run's config is known, before it is evaluated (to check the MLflow store its outputs go to)."""
     members = expand_runs(paths, weights)
     runs = [r for m in members for r in m.runs]
     where_to = pick_device(device)
@@ -78,7 +78,7 @@ def predict_split(
         loaded[i] = (path, {}, config)  # the weights are in the model now; let them go with it
         if cfg is None:
             cfg, root = trained.cfg, Path(trained.cfg.data.shards)
-            if before_eval is not None:
+            if before_eval is not None and len(runs) == 1:
                 before_eval(cfg)
             entry = read_manifest(root).split(split)
         model = trained.model.to(where_to)
