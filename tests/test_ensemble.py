@@ -217,6 +217,16 @@ def test_ensembles_and_postprocessing_end_to_end(trained_run: Path, tmp_path: Pa
         np.testing.assert_allclose(pab[c], 0.25 * pa[c] + 0.75 * pb[c][order], atol=2e-5, err_msg=c)
     assert not np.allclose(pa["p_Neutral"], pb["p_Neutral"][order], atol=1e-3)  # B is another model
     assert (tmp_path / "ab" / "submission" / "AU.txt").is_file()
+    # a folds directory of the two (both predict every frame of this split): their mean, written beside it
+    cv = tmp_path / "cv"
+    for k, src in enumerate((a / "export" / "best.safetensors", b)):
+        (cv / f"fold_{k}").mkdir(parents=True)
+        shutil.copy(src, cv / f"fold_{k}" / "best.safetensors")
+    (cv / "folds.json").write_text("{}")
+    _eval(capsys, "--checkpoint", str(cv))
+    _, pcv = _predictions(cv / "eval_val" / "predictions.csv")
+    np.testing.assert_allclose(pcv["valence"], 0.5 * pa["valence"] + 0.5 * pb["valence"][order], atol=2e-5)
+    assert json.loads((cv / "eval_val" / "ensemble.json").read_text())["members"][0]["combined"] == "mean"
 
     # several paths without --out; runs that predict other tasks: one line, exit 2, nothing evaluated
     assert main(["eval", "--checkpoint", str(a), str(b)]) == 2
