@@ -182,6 +182,8 @@ class TrainConfig(_Section):
     eval_every: Int = Field(1000, ge=1)
     ckpt_every: Int = Field(500, ge=1)
     keep_last: Int = Field(2, ge=1)
+    # resume checks a checkpoint's files' sizes; true: also every byte against the sha256 its writers recorded
+    verify_checkpoint: Bool = False
     log_every: Int = Field(10, ge=1)  # also when a stop signal (preemption) and non-finite losses are checked
     # auto | never | force | a checkpoint directory. A resume takes changed settings (mtl.runs.resume_changes)
     # but refuses changes that make another experiment (model, data, loss, optim...) unless `force`

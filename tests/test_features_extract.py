@@ -48,8 +48,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _spec(weights: Path, **kw) -> ExtractSpec:
     kw.setdefault("device", "cpu")  # byte-identical caches compared: the same device (CPU, fp32) everywhere
-    return ExtractSpec(backbone=BACKBONE, weights=str(weights), image_size=SIZE, backbone_kwargs=KWARGS,
-                       shard_frames=SHARD_FRAMES, **kw)  # fmt: skip
+    kw.setdefault("shard_frames", SHARD_FRAMES)
+    return ExtractSpec(backbone=BACKBONE, weights=str(weights), image_size=SIZE, backbone_kwargs=KWARGS, **kw)
 
 
 def _cli_args(weights: Path) -> list[str]:
@@ -367,3 +367,48 @@ def test_disk_full_names_the_shard_and_keeps_finished_ones(
         assert not list(out.glob("*/*.tmp"))  # the half-written shard is removed
     finally:
         run(["umount", str(out)])
+
+
+def test_a_long_video_goes_on_over_shards_and_parts_get_equal_frames(
+    cache: Path, tiny_shards: Path, weights: Path, tmp_path: Path
+) -> None:
+    """Samples of at most 13 frames (cutting across the source's 16-frame segments) in shards that close at 30
+    frames: a video goes on in the next shard, no shard outgrows 30 + 13 frames, two array tasks (run one after
+    the other: the last writes the manifest) get about equal frames and write what one process writes, and the
+    loader joins each video again, fused with a cache cut the other way."""
+    from mtl.extraction.extract import plan_shards, scan_source, share
+    from mtl.features.loader import FeatureSplit
+
+    spec = _spec(weights, max_frames=13, shard_frames=30, workers=0)
+    plan = plan_shards(scan_source(tiny_shards, read_manifest(tiny_shards)), 13, 30)
+    assert max(s.frames for s in plan) <= 30 + 13
+    shards_of = defaultdict(set)
+    for s in plan:
+        for p in s.pieces:
+            shards_of[p.video].add(s.path)
+    assert any(len(paths) > 1 for paths in shards_of.values())  # a video goes on in the next shard
+    loads = [sum(s.frames for s in share(plan, Part(i, 2))) for i in (0, 1)]
+    assert abs(loads[0] - loads[1]) <= max(s.frames for s in plan), loads
+    assert sorted(s.path for i in (0, 1) for s in share(plan, Part(i, 2))) == sorted(s.path for s in plan)
+
+    one = extract(tiny_shards, tmp_path / "one", spec, progress=False)
+    two = tmp_path / "two"
+    assert extract(tiny_shards, two, spec, part=Part(0, 2), progress=False) is None
+    assert extract(tiny_shards, two, spec, part=Part(1, 2), progress=False) == one
+    assert _files(two) == _files(tmp_path / "one")
+
+    got, want = _cache_videos(tmp_path / "one"), _cache_videos(cache)
+    for split in want:
+        assert set(got[split]) == set(want[split])
+        for video, samples in want[split].items():
+            assert all(len(s) <= 13 for s in got[split][video])
+            frames = np.concatenate([s.frames for s in got[split][video]])
+            assert np.array_equal(frames, np.concatenate([s.frames for s in samples]))
+            np.testing.assert_allclose(np.concatenate([s.features for s in got[split][video]], dtype=np.float32),
+                                       np.concatenate([s.features for s in samples], dtype=np.float32),
+                                       atol=2e-3)  # fmt: skip
+    fused = FeatureSplit.load([tmp_path / "one", cache], [one, read_feature_manifest(cache)], "train")
+    v = fused.videos[0]
+    whole = np.concatenate([s.features for s in want["train"][v.name]], dtype=np.float32)
+    assert np.array_equal(np.asarray(v.features[:], np.float32)[:, one.dim :], whole)
+    assert np.allclose(np.asarray(v.features[:], np.float32)[:, : one.dim], whole, atol=2e-3)

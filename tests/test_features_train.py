@@ -141,8 +141,11 @@ def _copy_with(root: Path, dest: Path, edit) -> Path:
     m = json.loads((dest / MANIFEST).read_text())
     entry = m["splits"]["val"]["shards"][0]
     path = dest / entry["path"]
-    write_feature_shard(path, edit(list(read_feature_shard(path))))
+    samples = edit(list(read_feature_shard(path)))
+    write_feature_shard(path, samples)
     entry.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    if entry.get("sample_frames") is not None:  # a consistent cache: the manifest agrees with its shard
+        entry["sample_frames"] = [len(s) for s in samples]
     (dest / MANIFEST).write_text(json.dumps(m))
     return dest
 

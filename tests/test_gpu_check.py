@@ -44,5 +44,5 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
     assert data["loader"]["frames_per_s"] > 0 and data["features"]["frames_per_s"] > 0
     assert data["train"]["frames_per_s"] > 0 and data["train"]["efficiency"] > 0
     assert data["predict"]["frames"] == 20 and data["predict"]["frames_per_s"] > 0
-    for stage in ("zero2", "zero3"):  # killed after a checkpoint, resumed from it, finished
-        assert data["multi_gpu"][stage]["ok"], data["multi_gpu"][stage]
+    assert set(data["multi_gpu"]) == {"zero3"}  # --smoke: one stage (the GPU run does 2 and 3)
+    assert data["multi_gpu"]["zero3"]["ok"], data["multi_gpu"]  # killed after a checkpoint, resumed, finished

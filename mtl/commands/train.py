@@ -1,4 +1,4 @@
-"""`mtl train`, `mtl eval`, `mtl demo`."""
+"""`mtl train`, `mtl eval`, `mtl demo`, `mtl runs verify`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_run(args: argparse.Namespace) -> int:
+    from mtl.runs.layout import CHECKPOINTS, unhashed, verify_run
+
+    bad = 0
+    root = args.dir / CHECKPOINTS if (args.dir / CHECKPOINTS).is_dir() else args.dir
+    for tag, problem in verify_run(args.dir).items():
+        sizes_only = [] if problem else unhashed(root / tag)
+        note = f" ({len(sizes_only)} file(s) never hashed, their writer stopped first: sizes only)" * bool(sizes_only)
+        print(f"{tag}: {problem or 'ok'}{note}")
+        bad += problem is not None
+    return 1 if bad else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (any launcher: python, torchrun, accelerate launch, srun)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: mtl/config.py)")
@@ -101,3 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=None, help="frames per synthetic video (default: mtl synth's)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/demo.yaml")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("runs", help="inspect trained runs")
+    runs = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    v = runs.add_parser("verify", help="every complete checkpoint's files against the sha256 their writers recorded")
+    v.add_argument("dir", type=Path, help="a run dir (train.output_dir) or its checkpoints dir")
+    v.set_defaults(func=_verify_run)

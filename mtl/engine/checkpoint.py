@@ -1,9 +1,14 @@
 """DeepSpeed checkpoints that survive being killed mid-save, with the last K and the best kept.
 
 A tag directory counts only once ``complete.json`` exists in it; that file is written by rank 0 after every rank
-has finished its part (barrier), with an atomic rename. A run killed while saving leaves a tag without it, which
-``latest_complete`` ignores and the next save removes. DeepSpeed's own ``latest`` file is not used: it could
-name a half-written tag.
+has finished its part (barrier), with an atomic rename, and records every file's size (a stat each). A run killed
+while saving leaves a tag without it, which ``latest_complete`` ignores and the next save removes. DeepSpeed's own
+``latest`` file is not used: it could name a half-written tag.
+
+Each rank hashes the files it wrote itself (``layout.write_hashes``), in a thread that starts as the save ends, so
+the ranks hash in parallel, from their page cache, while training goes on; the next save (or the process's exit)
+waits for it. Resume checks sizes; hashes are checked when asked (``mtl runs verify``,
+``train.verify_checkpoint``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ import torch
 
 from mtl.engine.distributed import barrier
 from mtl.errors import MtlError, writing
-from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_marker
+from mtl.runs.layout import COMPLETE, TAG_RE, complete_tags, read_marker, tag_for, write_hashes, write_marker
 from mtl.runs.safe_load import weights_only_loads
 from mtl.runs.trained import weights_mismatch
 
@@ -85,8 +91,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+_hashing: threading.Thread | None = None  # this rank's hashing of its last save's files
+
+
+def _hash_in_background(tag_dir: Path, rank: int) -> None:
+    def run() -> None:
+        try:
+            write_hashes(tag_dir, rank)
+        except OSError as exc:  # the tag was removed meanwhile, a full disk: that save is only unverifiable
+            print(f"warning: {tag_dir}: its files' sha256 not recorded ({exc})", file=sys.stderr)
+
+    global _hashing
+    _hashing = threading.Thread(target=run, name=f"hash-{tag_dir.name}")  # not a daemon: the process waits for it
+    _hashing.start()
+
+
+def wait_hashes() -> None:
+    """Until this rank's files of its last save are hashed."""
+    global _hashing
+    if _hashing is not None:
+        _hashing.join()
+        _hashing = None
+
+
 def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. Returns the tag written; its sha256 records follow (``wait_hashes``)."""
+    wait_hashes()  # the previous save's hashing ends before any tag can be pruned
     tag = tag_for(state.step)
     tag_dir = ckpt_dir / tag
     if (tag_dir / COMPLETE).is_file():  # this step is already saved (e.g. preempted right after resuming)
@@ -110,6 +140,7 @@ def save(engine: Any, ckpt_dir: Path, state: TrainState, rank: int, keep_last: i
         write_marker(tag_dir, state.to_dict())
         _prune(ckpt_dir, keep_last, state.best_tag)
     barrier()
+    _hash_in_background(tag_dir, rank)  # after the save, so it never slows another rank's write
     return tag
 
 

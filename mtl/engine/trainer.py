@@ -180,7 +180,8 @@ class Trainer:
         answer: tuple[Checkpoint | None, str | None] = (None, None)
         if self.env.is_main:
             try:
-                answer = (resume_point(self.cfg.train.resume, self.run_dir, warn=_warn), None)
+                full = self.cfg.train.verify_checkpoint
+                answer = (resume_point(self.cfg.train.resume, self.run_dir, warn=_warn, full=full), None)
             except MtlError as exc:
                 answer = (None, str(exc))
         found, error = broadcast_object(answer)

@@ -7,12 +7,12 @@ fine-tuned one (``--checkpoint``). A source video's segments (spread over shards
 joined in frame order, so a feature sample holds a whole video (or an equal part of a very long one).
 
 Work is cut into output shards by a plan that depends only on the source and the settings (recorded in
-``.features-plan.json``); a process takes every k-th shard of it (torchrun ranks, SLURM array tasks). A shard is
-written atomically (``write_shard``) and then recorded (bytes, sha256) in its process's partial manifest
+``.features-plan.json``): shards of about ``shard_frames`` frames, a long video's samples spread over several, dealt
+to the processes (torchrun ranks, SLURM array tasks) by frames (``share``), so one long video holds no process up.
+A shard is written atomically (``write_shard``) and then recorded (bytes, sha256) in its process's partial manifest
 (``.features-done.<i>-of-<k>.json``), so an interrupted run resumes by skipping the shards it finds as recorded;
-one changed since, or never recorded, is extracted again. Frames
-are encoded in batches fixed by the shard's content, so the same input gives byte-identical shards whatever the
-number of processes.
+one changed since, or never recorded, is extracted again. Frames are encoded in batches fixed by the shard's
+content, so the same input gives byte-identical shards whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class ExtractSpec:
     hflip_tta: bool = False
     dtype: str = "float16"
     max_frames: int = 4096  # frames per feature sample at most (a longer video: equal consecutive parts)
-    shard_frames: int = 32768  # a shard closes once it holds this many frames (videos are never split over shards)
+    shard_frames: int = (
+        32768  # a shard closes once it holds this many frames (a long video's samples go on in the next)
+    )
     batch_size: int = 256  # frames per encoder call
     workers: int | None = None  # JPEG decoding workers (DataLoader); None: this process's CPUs but one, at most 8
     device: str | None = None  # auto (None) | cuda | cpu | cuda:N, decided by mtl.device (cuda: this rank's GPU)
@@ -267,12 +269,32 @@ def scan_source(root: Path, manifest: PackManifest) -> dict[str, dict[str, list[
 # ------------------------------------------------------------------------------------------------ plan
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Frames ``[start, stop)`` (0-based) of one video: one output sample."""
+
+    video: str
+    start: int
+    stop: int
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+
 @dataclass
 class OutShard:
     split: str
     path: str  # relative to the output root
-    videos: list[str]
-    sample_frames: list[int]  # per output sample
+    pieces: list[Piece]  # its samples, in order
+
+    @property
+    def sample_frames(self) -> list[int]:
+        return [p.frames for p in self.pieces]
+
+    @property
+    def frames(self) -> int:
+        return sum(self.sample_frames)
 
 
 def parts(n: int, max_frames: int) -> list[tuple[int, int]]:
@@ -282,22 +304,43 @@ def parts(n: int, max_frames: int) -> list[tuple[int, int]]:
 
 
 def plan_shards(source: dict[str, dict[str, list[Segment]]], max_frames: int, shard_frames: int) -> list[OutShard]:
-    """Videos in name order, split by split, cut into shards of about ``shard_frames`` frames."""
+    """Videos in name order, split by split, each cut into samples of at most ``max_frames`` frames (``parts``),
+    the samples dealt in order into shards that close at ``shard_frames`` frames. A long video's samples go on in
+    the next shards, so no shard (a process's unit of work) holds more than ``shard_frames + max_frames`` frames,
+    however long one video is; the loader joins a video's consecutive samples again."""
     plan: list[OutShard] = []
     for split, videos in source.items():
-        k, cur = 0, None
+        cur: list[Piece] = []
         for video, segs in videos.items():
-            if cur is None:
-                cur = OutShard(split, f"{split}/{k:06d}.tar", [], [])
-            n = sum(s.frames for s in segs)
-            cur.videos.append(video)
-            cur.sample_frames += [b - a for a, b in parts(n, max_frames)]
-            if sum(cur.sample_frames) >= shard_frames:
-                plan.append(cur)
-                k, cur = k + 1, None
-        if cur is not None:
-            plan.append(cur)
+            for a, b in parts(sum(s.frames for s in segs), max_frames):
+                cur.append(Piece(video, a, b))
+                if sum(p.frames for p in cur) >= shard_frames:
+                    plan.append(OutShard(split, f"{split}/{sum(s.split == split for s in plan):06d}.tar", cur))
+                    cur = []
+        if cur:
+            plan.append(OutShard(split, f"{split}/{sum(s.split == split for s in plan):06d}.tar", cur))
     return plan
+
+
+def share(plan: list[OutShard], part: Part) -> list[OutShard]:
+    """This process's shards, dealt by frames: the biggest first, each to the part with the fewest frames so far
+    (ties to the lowest part), so the parts' work differs by at most about one shard whatever the videos' lengths;
+    in plan order. The same on every process, from the plan alone."""
+    load, owner = [0] * part.count, {}
+    for i in sorted(range(len(plan)), key=lambda i: (-plan[i].frames, i)):
+        k = min(range(part.count), key=lambda k: (load[k], k))
+        owner[i], load[k] = k, load[k] + plan[i].frames
+    return [s for i, s in enumerate(plan) if owner[i] == part.index]
+
+
+def covering(segs: list[Segment], a: int, b: int) -> list[tuple[int, Segment]]:
+    """The segments of a video that hold its frames ``[a, b)``, each with the 0-based index of its first frame."""
+    out, start = [], 0
+    for s in segs:
+        if start < b and start + s.frames > a:
+            out.append((start, s))
+        start += s.frames
+    return out
 
 
 def _fingerprint(source_sha: str, info: dict, spec: ExtractSpec, plan: list[OutShard], device: torch.device) -> str:
@@ -347,7 +390,8 @@ def prepare_output(out: Path, fingerprint: str, plan: list[OutShard], overwrite:
     for split in {s.split for s in plan}:
         (out / split).mkdir(exist_ok=True)
     _write_json(plan_path, {"format": FORMAT, "fingerprint": fingerprint,
-                            "shards": [{"path": s.path, "videos": s.videos} for s in plan]})  # fmt: skip
+                            "shards": [{"path": s.path, "pieces": [[p.video, p.start, p.stop] for p in s.pieces]}
+                                       for s in plan]})  # fmt: skip
 
 
 def _done_path(out: Path, part: Part) -> Path:
@@ -390,12 +434,13 @@ def shard_damage(path: Path, record: dict | None) -> str | None:
 
 
 def _join(samples: list, video: str) -> dict[str, np.ndarray]:
-    """The per-frame arrays of a video's source samples, concatenated in frame order."""
+    """The per-frame arrays of consecutive source samples of a video, concatenated in frame order."""
     out = {k: np.concatenate([getattr(s, k) for s in samples]) for k in ("frames", "has_image")}
     for key in samples[0].labels:
         out[key] = np.concatenate([s.labels[key] for s in samples])
-    if not np.array_equal(out["frames"], np.arange(1, len(out["frames"]) + 1)):
-        raise DataError(f"video {video}: its samples' frame numbers do not run 1..{len(out['frames'])}")
+    first, n = int(out["frames"][0]), len(out["frames"])
+    if not np.array_equal(out["frames"], np.arange(first, first + n)):
+        raise DataError(f"video {video}: its samples' frame numbers do not run {first}..{first + n - 1}")
     return out
 
 
@@ -476,30 +521,34 @@ def decoded_segments(root: Path, items: list[tuple[str, Segment]], tf: ClipTrans
 
 
 def extract_shard(job: OutShard, root: Path, segments: dict[str, list[Segment]], decoded: Iterator[Decoded],
-                  batcher: _Batcher, dim: int, max_frames: int) -> list[FeatureSample]:  # fmt: skip
-    """The feature samples of one output shard (videos in order, each in its parts); ``decoded``: the segments of
-    this and the later shards, in order (this one takes its own)."""
+                  batcher: _Batcher, dim: int) -> list[FeatureSample]:  # fmt: skip
+    """The feature samples of one output shard (its pieces in order); ``decoded``: the segments ``covering`` this
+    and the later shards' pieces, in order (this one takes its own). Only a piece's frames are encoded."""
     pending = []
-    for video in job.videos:
-        srcs, offset = [], 0
-        feats = np.zeros((sum(s.frames for s in segments[video]), dim), batcher.dtype)
-        for _ in segments[video]:
+    for p in job.pieces:
+        srcs, feats = [], np.zeros((p.frames, dim), batcher.dtype)
+        for start, _ in covering(segments[p.video], p.start, p.stop):
             d = next(decoded)
             if d.error is not None:
                 raise DataError(d.error)
-            if len(d.idx):
-                batcher.add(d.pixels, feats, d.idx + offset)
+            rows = d.idx + (start - p.start)
+            keep = (rows >= 0) & (rows < p.frames)
+            pixels = d.pixels
+            if not keep.all():  # a segment across the piece's edge: the frames outside it are another piece's
+                pixels, rows = pixels[torch.from_numpy(keep)], rows[keep]
+            if len(rows):
+                batcher.add(pixels, feats, rows)
             srcs.append(d.sample)
-            offset += len(d.sample)
-        pending.append((video, _join(srcs, video), feats))
+        pending.append((p, _join(srcs, p.video) if srcs else None, feats))
     batcher.flush()  # every row of this shard's arrays is written before they are packed
     samples = []
-    for video, arrays, feats in pending:
-        for a, b in parts(len(feats), max_frames):
-            labels = {k: v[a:b] for k, v in arrays.items() if k not in ("frames", "has_image")}
-            samples.append(FeatureSample(video, arrays["frames"][a:b], arrays["has_image"][a:b], feats[a:b], labels))
-    if [len(s) for s in samples] != job.sample_frames:
-        raise DataError(f"{root}: the source no longer matches the plan of {job.path} (rerun with --overwrite)")
+    for p, arrays, feats in pending:
+        a = p.start - (int(arrays["frames"][0]) - 1) if arrays is not None else -1  # the piece inside the join
+        b = a + p.frames
+        if arrays is None or a < 0 or b > len(arrays["frames"]):
+            raise DataError(f"{root}: the source no longer matches the plan of {job.path} (rerun with --overwrite)")
+        labels = {k: v[a:b] for k, v in arrays.items() if k not in ("frames", "has_image")}
+        samples.append(FeatureSample(p.video, arrays["frames"][a:b], arrays["has_image"][a:b], feats, labels))
     return samples
 
 
@@ -508,8 +557,9 @@ def extract_shard(job: OutShard, root: Path, segments: dict[str, list[Segment]],
 
 @dataclass(frozen=True)
 class Part:
-    """This process's share: output shards index, index + count, ...; ``group`` when the parts are torchrun ranks
-    (a process group: rank 0 writes the manifest after all); else the last part to finish writes it."""
+    """This process's share ``index`` of ``count`` (``share``: the plan dealt by frames); ``group`` when the parts
+    are torchrun ranks (a process group: rank 0 writes the manifest after all); else the last part to finish
+    writes it."""
 
     index: int = 0
     count: int = 1
@@ -565,6 +615,17 @@ def build_manifest(shards: Path, source_sha: str, info: dict, spec: ExtractSpec,
     )
 
 
+def _images(job: OutShard, segments: dict[str, list[Segment]]) -> int:
+    """About the frames with an image in a shard (for the progress bar): a segment across a piece's edge counts in
+    proportion to its frames inside."""
+    n = 0.0
+    for p in job.pieces:
+        for start, seg in covering(segments[p.video], p.start, p.stop):
+            inside = min(p.stop, start + seg.frames) - max(p.start, start)
+            n += seg.images * inside / seg.frames
+    return round(n)
+
+
 def extract(
     shards: Path,
     out: Path,
@@ -600,7 +661,7 @@ def extract(
         prepare_output(out, fingerprint, plan, overwrite)
         _barrier(part)
 
-    mine = [s for i, s in enumerate(plan) if i % part.count == part.index]
+    mine = share(plan, part)
     records, done = finished_records(out, fingerprint), {}
     for s in mine:
         if (out / s.path).is_file():
@@ -611,18 +672,19 @@ def extract(
                 print(f"mtl features: warning: {out / s.path}: {problem}; extracting it again", file=sys.stderr)
     todo = [s for s in mine if s.path not in done]
     done_path = _done_path(out, part)
-    images = {s.path: sum(g.images for v in s.videos for g in source[s.split][v]) for s in mine}  # frames encoded
+    images = {s.path: _images(s, source[s.split]) for s in mine}  # frames to encode
     total, left = sum(images.values()), sum(images[s.path] for s in todo)
     desc = "features" if part.count == 1 else f"features {part.index}/{part.count}"
     bar = tqdm(total=total, initial=total - left, desc=desc, unit="frame", disable=not progress,
                position=part.index if part.group else None)  # fmt: skip
     batcher = _Batcher(encoder, encoder.info["image_size"], spec.batch_size, spec.hflip_tta, spec.dtype, bar)
-    items = [(v, seg) for job in todo for v in job.videos for seg in source[job.split][v]]
+    items = [(p.video, seg) for job in todo for p in job.pieces
+             for _, seg in covering(source[job.split][p.video], p.start, p.stop)]  # fmt: skip
     workers = default_workers() if spec.workers is None else spec.workers
     decoded = decoded_segments(shards, items, batcher.tf, spec.batch_size, workers)
     try:
         for job in todo:
-            samples = extract_shard(job, shards, source[job.split], decoded, batcher, dim, spec.max_frames)
+            samples = extract_shard(job, shards, source[job.split], decoded, batcher, dim)
             path = out / job.path
             try:
                 write_feature_shard(path, samples)

@@ -2,9 +2,11 @@
 
 Several extractions (directories with a ``manifest.json`` in the format of ``mtl.features.shards``) are read and
 concatenated per frame. They must come from the same source shards as ``data.shards`` (the sha256 of the source
-manifest, recorded at extraction) and agree on every video's frames; a damaged shard (size or sha256 other than its
-manifest says, or unreadable) is named. A split's features are held in memory (a frame's feature is a few hundred
-bytes), so a batch is a few array copies: no decoding, no backbone, no worker processes.
+manifest, recorded at extraction) and agree on every video's frames; a missing, truncated or unreadable shard, or one
+that disagrees with its manifest (size, samples, frames, width, dtype), is named at start. Shards are not hashed at
+start (`mtl features` hashed them when it wrote them; `mtl shards verify` checks every byte). A split is indexed,
+not read: frames and labels are held, features stay on disk and a batch reads only its windows' rows
+(``mtl.features.index``), so a rank's memory does not grow with the cache: no decoding, no backbone, no workers.
 
 Batches follow the pixel loaders' contract (``mtl.data.loader``) with ``features`` f32 [B,T,D] in place of
 ``frames``. Training: an epoch tiles every video into windows of ``clip_len`` frames at a random shift, shuffles
@@ -34,8 +36,8 @@ from mtl.data.loader import label_arrays, plan_eval, put_labels
 from mtl.data.manifest import MANIFEST, file_sha256
 from mtl.data.seeds import derive_seed
 from mtl.errors import DataError
+from mtl.features.index import FrameFeatures, IndexedSample, Rows, ShardReader, index_feature_shard
 from mtl.features.manifest import EXTRACTOR_KEYS, FeatureManifest, FeatureShardRecord, read_feature_manifest
-from mtl.features.shards import FeatureSample, read_feature_shard
 
 # ------------------------------------------------------------------------------------------------ manifests
 
@@ -84,52 +86,67 @@ def extractor_params(roots: list[str] | list[Path], manifests: list[FeatureManif
 
 @dataclass
 class Video:
-    """One video's frames, labels and concatenated features (``features`` [n, D], as stored: float16 or float32)."""
+    """One video's frames, labels and concatenated features (``features`` [n, D], as stored: float16 or float32;
+    an array, or ``FrameFeatures`` reading them from the shards on demand)."""
 
     name: str
     frames: np.ndarray
     has_image: np.ndarray
-    features: np.ndarray
+    features: np.ndarray | FrameFeatures | None
     labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         return len(self.frames)
 
 
-def _read_shard(root: Path, split: str, entry: FeatureShardRecord, dim: int) -> list[FeatureSample]:
-    """One shard's samples, after checking its size and sha256 against the manifest."""
+def _index_shard(root: Path, split: str, entry: FeatureShardRecord, dim: int, dtype: str) -> list[IndexedSample]:
+    """One shard's samples (features left on disk), checked against the manifest by size and structure only: the
+    sha256 is checked once when `mtl features` writes the shard and by `mtl shards verify`, not at every start."""
     path = root / entry.path
     if not path.is_file():
         raise DataError(f"{path}: missing (listed in {root / MANIFEST}, split {split!r})")
     size = path.stat().st_size
     if size != entry.bytes:
         raise DataError(f"{path}: damaged feature shard ({size} bytes, its manifest says {entry.bytes})")
-    if file_sha256(path) != entry.sha256:
-        raise DataError(f"{path}: damaged feature shard (sha256 differs from its manifest)")
-    samples = list(read_feature_shard(path))
+    samples = index_feature_shard(path)
     if len(samples) != entry.samples:
-        raise DataError(f"{path}: {len(samples)} samples, its manifest says {entry.samples}")
-    for s in samples:
-        if s.features.shape[1] != dim:
-            raise DataError(f"{path}: video {s.video} has features of dim {s.features.shape[1]}, manifest dim {dim}")
+        raise DataError(f"{path}: {len(samples)} samples, its manifest {root / MANIFEST} says {entry.samples}")
+    for i, s in enumerate(samples):
+        r = s.rows
+        if r.dim != dim or r.dtype != np.dtype(dtype):
+            raise DataError(f"{path}: video {s.video} has {r.dtype} features of dim {r.dim}, its manifest "
+                            f"{root / MANIFEST} says {dtype} x {dim}")  # fmt: skip
+        if entry.sample_frames is not None and len(s) != entry.sample_frames[i]:
+            raise DataError(f"{path}: sample {i:06d} has {len(s)} frames, its manifest {root / MANIFEST} says "
+                            f"{entry.sample_frames[i]}")  # fmt: skip
     return samples
 
 
-def _videos(root: Path, manifest: FeatureManifest, split: str) -> list[tuple[Path, Video]]:
-    """(shard path, video) per video of one extraction's split; consecutive segments of a video joined."""
+@dataclass
+class _Joined:
+    """One video of one extraction: its segments' frames and labels joined, their features' places listed."""
+
+    path: Path
+    video: Video
+    rows: list[Rows]
+
+
+def _videos(root: Path, manifest: FeatureManifest, split: str) -> list[_Joined]:
+    """Each video of one extraction's split; consecutive segments of a video joined."""
     if split not in manifest.splits:
         raise DataError(f"{root / MANIFEST}: no split {split!r} (have {', '.join(manifest.splits) or 'none'})")
-    out: list[tuple[Path, Video]] = []
+    out: list[_Joined] = []
     for entry in manifest.splits[split].shards:
-        for s in _read_shard(root, split, entry, manifest.dim):
-            if out and out[-1][1].name == s.video:
-                v = out[-1][1]
+        for s in _index_shard(root, split, entry, manifest.dim, manifest.dtype):
+            if out and out[-1].video.name == s.video:
+                v = out[-1].video
                 v.frames = np.concatenate([v.frames, s.frames])
                 v.has_image = np.concatenate([v.has_image, s.has_image])
-                v.features = np.concatenate([v.features, s.features])
                 v.labels = {k: np.concatenate([v.labels[k], s.labels[k]]) for k in v.labels}
+                out[-1].rows.append(s.rows)
             else:
-                out.append((root / entry.path, Video(s.video, s.frames, s.has_image, s.features, s.labels)))
+                video = Video(s.video, s.frames, s.has_image, None, s.labels)
+                out.append(_Joined(root / entry.path, video, [s.rows]))
     if not out:
         raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
     return out
@@ -139,17 +156,17 @@ def _span(frames: np.ndarray) -> str:
     return f"{len(frames)} frames {int(frames[0])}..{int(frames[-1])}" if len(frames) else "no frames"
 
 
-def _agree(first_root: Path, first: list[tuple[Path, Video]], root: Path, other: list[tuple[Path, Video]],
-           split: str) -> None:  # fmt: skip
+def _agree(first_root: Path, first: list[_Joined], root: Path, other: list[_Joined], split: str) -> None:
     """Two extractions of one split hold the same videos and frames, in the same order."""
-    names_a, names_b = [v.name for _, v in first], [v.name for _, v in other]
+    names_a, names_b = [j.video.name for j in first], [j.video.name for j in other]
     if names_a != names_b:
         i = next((i for i, (a, b) in enumerate(zip(names_a, names_b)) if a != b), min(len(names_a), len(names_b)))
         a = names_a[i] if i < len(names_a) else "(none)"
         b = names_b[i] if i < len(names_b) else "(none)"
         raise DataError(f"{root / MANIFEST}: split {split!r} video #{i + 1} is {b}, where {first_root} has {a}: "
                         f"extractions disagree on the videos")  # fmt: skip
-    for (_, va), (path, vb) in zip(first, other):
+    for ja, jb in zip(first, other):
+        va, vb, path = ja.video, jb.video, jb.path
         if not np.array_equal(va.frames, vb.frames) or not np.array_equal(va.has_image, vb.has_image):
             raise DataError(
                 f"{path}: video {vb.name} has {_span(vb.frames)}, where {first_root} has {_span(va.frames)} "
@@ -162,22 +179,29 @@ class FeatureSplit:
 
     def __init__(self, videos: list[Video], dim: int) -> None:
         self.videos, self.dim = videos, dim
+        self.reader: ShardReader | None = None  # set by ``load``: its ``bytes_read`` is what the loaders read
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read if self.reader else 0
 
     @classmethod
     def load(cls, roots: list[str] | list[Path], manifests: list[FeatureManifest], split: str) -> FeatureSplit:
+        """Indexed, not read: each video's features are read from the shards when a batch needs them."""
         roots = [Path(r) for r in roots]
         per = [_videos(r, m, split) for r, m in zip(roots, manifests)]
         for r, other in zip(roots[1:], per[1:]):
             _agree(roots[0], per[0], r, other, split)
+        reader = ShardReader()
+        dtype = np.result_type(*(np.dtype(m.dtype) for m in manifests))
         videos = []
         for parts in zip(*per):
-            v = parts[0][1]
-            feats = [p[1].features for p in parts]
-            dtype = np.result_type(*feats)
-            v.features = np.concatenate([f.astype(dtype, copy=False) for f in feats], axis=1) if len(feats) > 1 \
-                else feats[0]  # fmt: skip
+            v = parts[0].video
+            v.features = FrameFeatures(reader, [p.rows for p in parts], dtype)
             videos.append(v)
-        return cls(videos, sum(m.dim for m in manifests))
+        split_ = cls(videos, sum(m.dim for m in manifests))
+        split_.reader = reader
+        return split_
 
     @property
     def lengths(self) -> list[int]:

@@ -1,8 +1,10 @@
 """`mtl features --array K`: feature extraction as one SLURM job array of K tasks, checked on the login node
 first, then queued and waited for as `mtl submit`'s jobs are (mtl.launch.jobs, mtl.launch.wait).
 
-Task i extracts output shards i, i + K, ... of the plan; the last task to finish (every planned shard on disk)
-writes the manifest. A preempted task is requeued by submitit and resumes: finished shards are kept.
+Task i extracts its share of the plan's output shards, dealt by frames (``mtl.extraction.extract.share``: a long
+video's samples are spread over several shards, so one long video holds no task up); the last task to finish
+(every planned shard on disk) writes the manifest. A preempted task is requeued by submitit and resumes: finished
+shards are kept.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ it on the login node, so this module imports no torch. Loading the weights it po
     <output_dir>/mlflow_run_id                     the MLflow run, written before the first checkpoint exists
     <output_dir>/config_changes.jsonl              settings a resume changed, one line per resume that changed any
     <output_dir>/checkpoints/step_NNNNNNNN/        one DeepSpeed checkpoint; counts once complete.json is in it
-                                                   (which records every file's size and sha256: ``damage``)
+                                                   (which records every file's size: ``damage``), and
+                                                   sha256_rankNNNNN.json (each rank's files' sha256, by it)
     <output_dir>/export/{last,best}.safetensors    consolidated fp32 weights, resolved config in the metadata
     <path>/eval_<split>/                           what `mtl eval` writes by default
 """
@@ -55,17 +56,61 @@ def latest_complete(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+HASHES = "sha256_rank"  # sha256_rankNNNNN.json: {file: sha256} of the files that rank wrote, hashed by it
+_OWNER_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)0*(\d+)")
+
+
+def owner(rel: str) -> int:
+    """The rank that writes a checkpoint file: its rank is in DeepSpeed's per-rank names and ours; the rest
+    (the model states of ZeRO-0/1/2) are rank 0's."""
+    m = _OWNER_RE.search(Path(rel).name)
+    return int(m.group(1)) if m else 0
+
+
+def _payload(tag_dir: Path) -> list[Path]:
+    skip = (COMPLETE, DAMAGED, HASHES)
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and not p.name.startswith(skip))
+
+
 def file_records(tag_dir: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file of a tag (its marker excluded), by path relative to the tag."""
+    """Size of every file of a tag (its marker and hash files excluded), by path relative to the tag: a stat each,
+    however large the checkpoint (the hashes are each writer's, ``write_hashes``)."""
+    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size} for p in _payload(tag_dir)}
+
+
+def write_hashes(tag_dir: Path, rank: int) -> Path:
+    """sha256 of the files ``rank`` wrote in a tag (``owner``), by that rank, right after writing them (they are
+    still in its page cache, and every rank hashes its own at once). Atomic."""
     from mtl.data.manifest import file_sha256
 
-    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and not p.name.startswith((COMPLETE, DAMAGED)))
-    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    mine = {str(p.relative_to(tag_dir)): file_sha256(p) for p in _payload(tag_dir)
+            if owner(str(p.relative_to(tag_dir))) == rank}  # fmt: skip
+    path = tag_dir / f"{HASHES}{rank:05d}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def recorded_hashes(tag_dir: Path) -> dict[str, str]:
+    """Every sha256 the writers recorded (and those of markers from before hashes were per rank)."""
+    out: dict[str, str] = {}
+    for p in sorted(tag_dir.glob(f"{HASHES}*.json")):
+        try:
+            out.update(json.loads(p.read_text()))
+        except (OSError, ValueError) as exc:
+            raise MtlError(f"{p}: unreadable checkpoint hashes ({exc})") from None
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        files = {}
+    out.update({rel: rec["sha256"] for rel, rec in files.items() if isinstance(rec, dict) and "sha256" in rec})
+    return out
 
 
 def write_marker(tag_dir: Path, state: dict[str, Any]) -> None:
     """The completion marker, atomically: a checkpoint counts from the moment this rename lands. It records what
-    was written, so a file lost or truncated later is found before DeepSpeed reads it (``damage``)."""
+    was written (sizes), so a file lost or truncated later is found before DeepSpeed reads it (``damage``)."""
     path = tag_dir / COMPLETE
     tmp = path.with_suffix(path.suffix + ".tmp")
     marker = {"tag": tag_dir.name, "state": state, "files": file_records(tag_dir)}
@@ -86,8 +131,10 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
         raise MtlError(f"{path}: not a readable checkpoint marker ({exc})") from None
 
 
-def damage(tag_dir: Path) -> str | None:
-    """What no longer matches the files recorded in a complete tag's marker; None when intact (or unrecorded)."""
+def damage(tag_dir: Path, full: bool = False) -> str | None:
+    """What no longer matches the files recorded in a complete tag's marker; None when intact (or unrecorded).
+    Sizes only (a stat per file: a lost or truncated file), unless ``full``: then every byte against the sha256
+    its writer recorded (``mtl runs verify``, ``train.verify_checkpoint``)."""
     from mtl.data.manifest import file_sha256
 
     try:
@@ -100,23 +147,53 @@ def damage(tag_dir: Path) -> str | None:
             return f"{rel} is missing"
         if path.stat().st_size != want["size"]:
             return f"{rel} has {path.stat().st_size} bytes, {want['size']} were written"
-    for rel, want in files.items():
-        if file_sha256(tag_dir / rel) != want["sha256"]:
+    if not full:
+        return None
+    try:
+        hashes = recorded_hashes(tag_dir)
+    except MtlError as exc:
+        return str(exc)
+    for rel in files:
+        if rel not in hashes:  # its writer was stopped before hashing it: its size was checked above
+            continue
+        if file_sha256(tag_dir / rel) != hashes[rel]:
             return f"{rel} does not match the sha256 recorded when it was saved"
     return None
 
 
-def newest_intact(ckpt_dir: Path, warn: Callable[[str], None]) -> str | None:
-    """The newest complete tag whose files are intact. A damaged newer one is marked so (its marker renamed to
-    damaged.json, so nothing treats it as complete again and the next save prunes it) and reported.
-    Run it on one rank and share the answer."""
+def newest_intact(ckpt_dir: Path, warn: Callable[[str], None], full: bool = False) -> str | None:
+    """The newest complete tag whose files are intact (sizes; every byte when ``full``). A damaged newer one is
+    marked so (its marker renamed to damaged.json, so nothing treats it as complete again and the next save prunes
+    it) and reported. Run it on one rank and share the answer."""
     for tag in reversed(complete_tags(ckpt_dir)):
-        problem = damage(ckpt_dir / tag)
+        problem = damage(ckpt_dir / tag, full)
         if problem is None:
             return tag
         os.replace(ckpt_dir / tag / COMPLETE, ckpt_dir / tag / DAMAGED)
         warn(f"checkpoint {ckpt_dir / tag} is damaged ({problem}); marked {DAMAGED}, falling back to the one before")
     return None
+
+
+def unhashed(tag_dir: Path) -> list[str]:
+    """Files of a complete tag with no sha256 recorded (a writer killed between its save and its hashing): only
+    their sizes can be checked."""
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files", {})
+        hashes = recorded_hashes(tag_dir)
+    except (OSError, ValueError, AttributeError, MtlError):
+        return []
+    return sorted(rel for rel in files if rel not in hashes)
+
+
+def verify_run(path: Path) -> dict[str, str | None]:
+    """Every complete checkpoint of a run dir (or a checkpoints dir), every byte against its writers' sha256:
+    tag -> problem (None: intact). Marks nothing: `mtl runs verify` reports, a resume decides."""
+    path = Path(path)
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    tags = complete_tags(root)
+    if not tags:
+        raise MtlError(f"{path}: no complete checkpoint (a run dir or its {CHECKPOINTS} dir?)")
+    return {tag: damage(root / tag, full=True) for tag in tags}
 
 
 @dataclass(frozen=True)
@@ -175,9 +252,10 @@ class RunDir:
             return None
         return self.run_id_file.read_text().strip() or None
 
-    def latest(self, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
-        """The newest complete checkpoint; with ``warn``, the newest intact one (damaged ones marked, reported)."""
-        tag = latest_complete(self.checkpoints) if warn is None else newest_intact(self.checkpoints, warn)
+    def latest(self, warn: Callable[[str], None] | None = None, full: bool = False) -> Checkpoint | None:
+        """The newest complete checkpoint; with ``warn``, the newest intact one (damaged ones marked, reported;
+        ``full``: every byte checked)."""
+        tag = latest_complete(self.checkpoints) if warn is None else newest_intact(self.checkpoints, warn, full)
         return Checkpoint(self.checkpoints, tag) if tag else None
 
     def require_no_checkpoints(self) -> None:
@@ -202,17 +280,20 @@ def _in_dir(path: Path) -> Checkpoint | None:
     return None
 
 
-def resume_point(resume: str, run: RunDir, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
+def resume_point(
+    resume: str, run: RunDir, warn: Callable[[str], None] | None = None, full: bool = False
+) -> Checkpoint | None:
     """Where training continues from (None: from scratch), for train.resume = auto | force | never | a directory.
     ``force`` resumes as ``auto`` does; it only lets the resume change settings that make another experiment.
 
-    With ``warn`` (training, on one rank), train.resume=auto skips damaged checkpoints (see ``newest_intact``).
+    With ``warn`` (training, on one rank), train.resume=auto skips damaged checkpoints (see ``newest_intact``;
+    ``full``: by their hashes, ``train.verify_checkpoint``).
     """
     if resume == "never":
         run.require_no_checkpoints()
         return None
     if resume in ("auto", "force"):
-        return run.latest(warn)
+        return run.latest(warn, full)
     path = Path(resume)
     if not path.exists():
         raise MtlError(f"train.resume={resume}: no such checkpoint directory")

@@ -44,6 +44,7 @@ POLICY: dict[str, Kind] = {
     "train.eval_every": SETTING,
     "train.ckpt_every": SETTING,
     "train.keep_last": SETTING,
+    "train.verify_checkpoint": SETTING,
     "train.log_every": SETTING,
     "train.progress": SETTING,
     "train.max_bad_steps": SETTING,
