@@ -18,7 +18,15 @@ from safetensors import safe_open
 from mtl.errors import MtlError
 from mtl.evaluation.ensemble import average, check_same_tasks, combine_folds, expand_runs
 from mtl.evaluation.evaluate import FramePredictions, score_predictions
-from mtl.evaluation.postprocess import FittedOn, Smoothing, fit, load_postprocess, smooth, video_segments
+from mtl.evaluation.postprocess import (
+    FittedOn,
+    Smoothing,
+    candidates,
+    fit,
+    load_postprocess,
+    smooth,
+    video_segments,
+)
 from mtl.runs.export import CONFIG_KEY, load_weights, save_weights
 from mtl.tasks import get_task, tasks
 
@@ -72,6 +80,8 @@ def test_smoothing_follows_frame_order_and_never_crosses_a_video() -> None:
     assert smooth(x, segments, Smoothing()) is x
     with pytest.raises(ValueError, match="odd"):
         Smoothing(kind="box", width=4)
+    with pytest.raises(MtlError, match="--widths 4 1: expected odd numbers of frames, at least 3"):
+        candidates(widths=(5, 4, 1))
 
 
 def test_fit_on_noisy_predictions_gains_and_its_file_scores_as_it_says(tmp_path: Path) -> None:

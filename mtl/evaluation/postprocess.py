@@ -198,6 +198,9 @@ def _score(
 
 def candidates(kinds: Sequence[str] = KINDS, widths: Sequence[int] = WIDTHS) -> list[Smoothing]:
     """'none' first, then each kind at each width (ties keep the earlier, i.e. the lighter, choice)."""
+    bad = [w for w in widths if w < 3 or w % 2 == 0]
+    if bad:
+        raise MtlError(f"--widths {' '.join(map(str, bad))}: expected odd numbers of frames, at least 3")
     return [Smoothing()] + [Smoothing(kind=k, width=w) for k in kinds for w in widths]  # type: ignore[arg-type]
 
 
