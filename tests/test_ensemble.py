@@ -305,7 +305,7 @@ def test_predict_csv_smooths_each_input_and_decides_at_the_files_thresholds(tmp_
     writer.commit()
     with open(tmp_path / "clip.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["frame"]) for r in rows] == list(range(10))
+    assert [int(r["frame"]) for r in rows] == list(range(10)) == [o.index for o in writer.smoothed]
     valence = np.array([v["va"][0] for v in values])
     assert float(rows[4]["valence"]) == pytest.approx(valence[3:6].mean(), abs=1e-5)
     assert float(rows[0]["valence"]) == pytest.approx(valence[:2].mean(), abs=1e-5)  # cut at the input's start

@@ -105,6 +105,9 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
         bar.close()
     result = InputResult(name, csv_path, n, int(sum(faces)), time.perf_counter() - t0, time_s=times,
                          undecoded=undecoded)  # fmt: skip
+    if opts.plot and writer.smoothed:  # the plot shows what the CSV holds: the smoothed values
+        vas = [o.values.get("va", np.zeros(2)) for o in writer.smoothed]
+        exprs = [int(o.values["expr"].argmax()) if "expr" in o.values else -1 for o in writer.smoothed]
     if opts.plot:
         result.plot = plot_timeline(
             Path(out_dir) / f"{name}.png", name, np.array(times), np.array(vas), np.array(exprs), np.array(faces)

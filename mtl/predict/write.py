@@ -36,6 +36,7 @@ class PredictionCsv:
         self.tasks, self.thresholds = tuple(tasks), thresholds
         self.postprocess = postprocess
         self._held: list[tuple[float, Box | None, FrameOutput]] = []
+        self.smoothed: list[FrameOutput] = []  # with a post-processing file: the rows as written, in frame order
 
     def row(self, time_s: float, box: Box | None, out: FrameOutput) -> None:
         if self.postprocess is not None:
@@ -54,7 +55,8 @@ class PredictionCsv:
         assert self.postprocess is not None
         smoothed = self.postprocess.smooth_arrays(arrays, video, frame)
         for i, (time_s, box, out) in enumerate(rows):
-            self._write(time_s, box, FrameOutput(out.index, {n: a[i] for n, a in smoothed.items()}))
+            self.smoothed.append(FrameOutput(out.index, {n: a[i] for n, a in smoothed.items()}))
+            self._write(time_s, box, self.smoothed[-1])
         self._held = []
 
     def _write(self, time_s: float, box: Box | None, out: FrameOutput) -> None:
