@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mtl.commands import data as data_cli
     from mtl.commands import features as features_cli
     from mtl.commands import launch as launch_cli
+    from mtl.commands import postprocess as postprocess_cli
     from mtl.commands import predict as predict_cli
     from mtl.commands import train as engine_cli
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch_cli.register(sub)  # submit (and submit --sweep), cv
     predict_cli.register(sub)  # predict (raw videos and frame folders)
     features_cli.register(sub)  # features (cache per-frame features: stage one of the two-stage recipe)
+    postprocess_cli.register(sub)  # postprocess fit (smoothing and thresholds on held-out predictions)
     return parser
 
 

@@ -26,7 +26,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise MtlError(f"--window: expected a positive number of frames, got {args.window}")
     if args.stride is not None and not (1 <= args.stride <= (args.window or 10**9)):
         raise MtlError(f"--stride: expected 1..window frames, got {args.stride}")
-    run = load_run(args.checkpoint, pick_device(args.device))
+    run = load_run(args.checkpoint, pick_device(args.device), args.postprocess)
     if args.window is not None and args.window > run.cfg.model.temporal.max_len:
         raise MtlError(f"--window {args.window} exceeds the run's model.temporal.max_len "
                        f"({run.cfg.model.temporal.max_len})")  # fmt: skip
@@ -36,6 +36,8 @@ def _predict(args: argparse.Namespace) -> int:
         detect_size=args.detect_size, plot=args.plot, progress=not args.no_progress,
     )  # fmt: skip
     tuned = f"tuned ({run.thresholds_from})" if run.thresholds_from else "0.5 (no `mtl eval --split val` of this run)"
+    if run.postprocess_from:
+        tuned += f"; smoothing of {run.postprocess_from}"
     print(f"detector: {detector.name}; window {args.window or run.clip_len} frames; thresholds {tuned}")
     failed = 0
     for path in args.inputs:
@@ -80,5 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA where torch sees a GPU), cuda (a GPU or stop saying why), cpu, cuda:N; "
                         "bf16 autocast on a GPU")  # fmt: skip
+    p.add_argument("--postprocess", default=None, metavar="FILE|none",
+                   help="smoothing and thresholds of `mtl postprocess fit` (default: <checkpoint>/postprocess.json "
+                        "where there is one; none: without)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_predict)

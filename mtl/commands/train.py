@@ -39,11 +39,23 @@ def print_result(result: TrainResult) -> None:
             print(summary_line(result.metrics))
 
 
+def split_overrides(paths: list[str], overrides: list[str]) -> tuple[list[Path], list[str]]:
+    """``--checkpoint A B key=value``: argparse hands the overrides that follow a list of paths to the list; a
+    ``key=value`` that is no existing path is an override (kept as typed: a Path would fold ``sqlite:////``)."""
+    moved = [p for p in paths if "=" in p and not Path(p).exists()]
+    return [Path(p) for p in paths if p not in moved], moved + list(overrides)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from mtl.errors import MtlError
     from mtl.evaluation.offline import run_eval
     from mtl.metrics import summary_line
 
-    scores = run_eval(args.checkpoint, args.split, args.out, args.overrides, device=args.device)
+    paths, overrides = split_overrides(args.checkpoint, args.overrides)
+    if not paths:
+        raise MtlError("--checkpoint: no run given (only key=value overrides)")
+    scores = run_eval(paths, args.split, args.out, overrides, device=args.device, weights=args.weights,
+                      postprocess=args.postprocess)  # fmt: skip
     if scores:  # an unlabelled split (the test set) has none
         print(summary_line(scores))
     return 0
@@ -76,9 +88,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on one process; write predictions and ABAW files")
-    p.add_argument("--checkpoint", type=Path, required=True, help="run dir, checkpoint tag dir or .safetensors")
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="RUN",
+                   help="run dir, checkpoint tag dir or .safetensors; several: an ensemble (per-frame predictions "
+                        "averaged); a folds dir (folds.json + fold_<k>/): its folds")  # fmt: skip
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="an ensemble's weight per --checkpoint path (normalised; default equal)")  # fmt: skip
     p.add_argument("--split", default="val", help="a packed split; on the unlabelled 'test': the submission files")
-    p.add_argument("--out", type=Path, default=None, help="output dir (default: <checkpoint>/eval_<split>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output dir (default: <checkpoint>/eval_<split>; required for several paths)")  # fmt: skip
+    p.add_argument("--postprocess", default=None, metavar="FILE|none",
+                   help="a `mtl postprocess fit` file to apply (default: <checkpoint>/postprocess.json where there "
+                        "is one and one path is given; none: do not apply it)")  # fmt: skip
     p.add_argument(
         "--device",
         default="auto",

@@ -29,6 +29,10 @@ class FramePredictions:
     video: list[str] = field(default_factory=list)
     frame: list[int] = field(default_factory=list)
     outputs: dict[str, list[np.ndarray]] = field(default_factory=lambda: {t.name: [] for t in tasks()})
+    # each task's labels and validity per frame, as the batches carried them (for scoring predictions made outside
+    # the network: ensembles, post-processing); an unlabelled split's are all invalid
+    labels: dict[str, list[np.ndarray]] = field(default_factory=lambda: {t.name: [] for t in tasks()})
+    valid: dict[str, list[np.ndarray]] = field(default_factory=lambda: {t.name: [] for t in tasks()})
 
     def add(self, outputs: dict[str, torch.Tensor], batch: dict) -> None:
         keep = ~batch["pad"].cpu()
@@ -43,11 +47,56 @@ class FramePredictions:
             self.frame.extend(frames[b][sel].tolist())
             for task, p in pred.items():
                 self.outputs[task].append(p[b][sel].numpy())
+                if task in batch:
+                    self.labels[task].append(batch[task][b][sel].cpu().numpy())
+                    self.valid[task].append(batch[f"{task}_valid"][b][sel].cpu().numpy())
+
+    @classmethod
+    def from_arrays(
+        cls,
+        video: list[str],
+        frame: list[int],
+        outputs: dict[str, np.ndarray],
+        labels: dict[str, np.ndarray] | None = None,
+        valid: dict[str, np.ndarray] | None = None,
+    ) -> FramePredictions:
+        """Predictions made outside the evaluation loop (an ensemble's mean, smoothed outputs), one row per frame."""
+
+        def lists(arrays: dict[str, np.ndarray] | None) -> dict[str, list[np.ndarray]]:
+            return {k: [np.asarray(v)] for k, v in (arrays or {}).items()}
+
+        return cls(list(video), [int(f) for f in frame], lists(outputs), lists(labels), lists(valid))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Task -> [frames, width] array."""
         return {t.name: np.concatenate(self.outputs[t.name]) if self.outputs[t.name] else np.zeros((0, t.width))
                 for t in tasks()}  # fmt: skip
+
+    def label_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Task -> labels [frames, ...] and validity [frames] (tasks whose labels were not collected left out)."""
+        have = [t.name for t in tasks() if len(self.labels.get(t.name, [])) and len(self.valid.get(t.name, []))]
+        return ({n: np.concatenate(self.labels[n]) for n in have},
+                {n: np.concatenate(self.valid[n]).astype(bool) for n in have})  # fmt: skip
+
+
+def score_predictions(preds: FramePredictions, thresholds: dict[str, np.ndarray] | None = None) -> ABAWMetrics:
+    """The metrics of per-frame predictions held outside the network (an ensemble's, smoothed ones), by the same
+    streams as `evaluate`: each prediction turned back into a head output (``Task.output_from``). A multi-label
+    task's ``thresholds`` move its decision point, so ``<task>_f1`` is its F1 at them instead of at 0.5."""
+    arrays, (labels, valid) = preds.arrays(), preds.label_arrays()
+    thresholds = thresholds or {}
+    n = len(preds.frame)
+    outputs, batch = {}, {"pad": torch.zeros(n, dtype=torch.bool)}
+    for t in tasks():
+        out = t.output_from(torch.as_tensor(arrays[t.name], dtype=torch.float64))
+        if t.name in thresholds:  # logit(p) - logit(t) >= 0 exactly where p >= t
+            out = out - torch.as_tensor(thresholds[t.name], dtype=torch.float64).logit(eps=1e-7)
+        outputs[t.name] = out
+        batch[t.name] = torch.as_tensor(labels[t.name]) if t.name in labels else torch.zeros((n, *t.label_shape))
+        batch[t.valid_key] = torch.as_tensor(valid[t.name]) if t.name in valid else torch.zeros(n, dtype=torch.bool)
+    metrics = ABAWMetrics()
+    metrics.update(outputs, batch)
+    return metrics
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -13,6 +13,7 @@ import torch
 from mtl.config import Config
 from mtl.errors import MtlError
 from mtl.evaluation.offline import tuned_thresholds
+from mtl.evaluation.postprocess import PostProcess, load_postprocess, postprocess_file
 from mtl.model.network import MultiTaskNet
 from mtl.runs.trained import load_model
 from mtl.tasks import Task, tasks
@@ -28,6 +29,8 @@ class TrainedRun:
     device: torch.device
     thresholds: dict[str, np.ndarray] = field(default_factory=dict)  # multi-label task -> per-unit threshold
     thresholds_from: Path | None = None
+    postprocess: PostProcess | None = None  # smoothing and thresholds fitted by `mtl postprocess fit`
+    postprocess_from: Path | None = None
 
     @property
     def image_size(self) -> int:
@@ -38,8 +41,10 @@ class TrainedRun:
         return self.cfg.data.clip_len
 
 
-def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:
-    """The run as ``mtl eval`` loads it (run dir, checkpoint tag dir or .safetensors), on ``device``."""
+def load_run(checkpoint: Path, device: torch.device, postprocess: Path | str | None = None) -> TrainedRun:
+    """The run as ``mtl eval`` loads it (run dir, checkpoint tag dir or .safetensors), on ``device``; with the
+    post-processing file given (``none``: without), else the one beside the run where there is one, whose
+    thresholds then replace the tuned ones."""
     trained = load_model(Path(checkpoint))
     if trained.norm is None:
         raise MtlError(f"{checkpoint}: trained on cached features (data.features), so it has no backbone to read "
@@ -48,4 +53,8 @@ def load_run(checkpoint: Path, device: torch.device) -> TrainedRun:
     mean, std = trained.norm
     heads = tuple(t for t in tasks() if t.name in model.heads.keys())
     thresholds, source = tuned_thresholds(Path(checkpoint))
-    return TrainedRun(model, trained.cfg, tuple(mean), tuple(std), heads, device, thresholds, source)
+    pp_path = postprocess_file([Path(checkpoint)], postprocess)
+    pp = load_postprocess(pp_path, tuple(t.name for t in heads)) if pp_path else None
+    if pp is not None:
+        thresholds, source = {**thresholds, **pp.thresholds()}, pp_path
+    return TrainedRun(model, trained.cfg, tuple(mean), tuple(std), heads, device, thresholds, source, pp, pp_path)

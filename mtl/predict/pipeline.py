@@ -64,7 +64,7 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
     follower = FaceFollower(detector, detect_size=opts.detect_size, full_every=opts.full_every)
     cropper = FaceCropper(run.image_size, run.mean, run.std, opts.crop_scale)
     predictor = WindowedPredictor(run.model, run.tasks, cropper.normalise, window, stride, run.device)
-    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds)
+    writer = PredictionCsv(Path(out_dir) / f"{name}.csv", run.tasks, run.thresholds, run.postprocess)
     held: dict[int, tuple[float, Box | None]] = {}
     undecoded: list[str] = []
     times, vas, exprs, faces = [], [], [], []
@@ -105,6 +105,9 @@ def predict_input(path: Path, out_dir: Path, run: TrainedRun, detector: Detector
         bar.close()
     result = InputResult(name, csv_path, n, int(sum(faces)), time.perf_counter() - t0, time_s=times,
                          undecoded=undecoded)  # fmt: skip
+    if opts.plot and writer.smoothed:  # the plot shows what the CSV holds: the smoothed values
+        vas = [o.values.get("va", np.zeros(2)) for o in writer.smoothed]
+        exprs = [int(o.values["expr"].argmax()) if "expr" in o.values else -1 for o in writer.smoothed]
     if opts.plot:
         result.plot = plot_timeline(
             Path(out_dir) / f"{name}.png", name, np.array(times), np.array(vas), np.array(exprs), np.array(faces)

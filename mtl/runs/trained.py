@@ -20,6 +20,7 @@ from mtl.runs.export import consolidate, load_weights
 from mtl.runs.inputs import DataSource
 from mtl.runs.layout import Checkpoint, resolve_trained, trained_run_id
 from mtl.runs.model_io import Norm
+from mtl.tasks import task_names
 
 
 def load_trained(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -57,9 +58,24 @@ class TrainedModel:
     source: DataSource  # where its evaluation batches come from (pixels or the features it trained on)
 
 
+def predicted_tasks(weights: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The tasks a trained network predicts: those it has a head for (``heads.<task>.*``), registered ones in the
+    registry's order, then any other by name."""
+    heads = {k.split(".")[1] for k in weights if k.startswith("heads.")}
+    known = tuple(n for n in task_names() if n in heads)
+    return known + tuple(sorted(heads - set(known)))
+
+
 def load_model(path: Path, overrides: list[str] | None = None) -> TrainedModel:
     """The trained network rebuilt from its own config, weights loaded strictly enough to catch a mismatch."""
     weights, config = load_trained(path)
+    return build_model(path, weights, config, overrides)
+
+
+def build_model(
+    path: Path, weights: dict[str, torch.Tensor], config: dict[str, Any], overrides: list[str] | None = None
+) -> TrainedModel:
+    """``load_model`` from what ``load_trained`` read (``path`` names it in errors)."""
     cfg = from_dict(deep_merge(config, parse_overrides(overrides or [])))
     source = DataSource(cfg)
     model = source.build_model()

@@ -141,6 +141,11 @@ class Task:
         """Head output (a tensor [..., width]) -> what predictions files hold (values or probabilities)."""
         return output
 
+    def output_from(self, prediction: Any) -> Any:
+        """The inverse of ``predict`` (a tensor): a head output whose metric is the prediction's, so predictions
+        averaged or smoothed outside the network (ensembles, post-processing) are scored by the same streams."""
+        return prediction
+
     def prediction_header(self) -> list[str]:
         raise NotImplementedError
 

@@ -136,6 +136,9 @@ class SingleLabel(ClassTask):
     def predict(self, output):
         return output.softmax(-1)
 
+    def output_from(self, prediction):
+        return prediction.clamp_min(1e-30).log()  # softmax(log p) = p for probabilities that sum to 1
+
     def prediction_header(self) -> list[str]:
         return [self.prediction] + [f"p_{c}" for c in self.columns]
 
@@ -191,6 +194,9 @@ class MultiLabel(ClassTask):
 
     def predict(self, output):
         return output.sigmoid()
+
+    def output_from(self, prediction):
+        return prediction.logit()  # sigmoid(logit p) = p; 0 and 1 become -inf and inf, which sigmoid maps back
 
     def prediction_header(self) -> list[str]:
         return list(self.columns) + [f"p_{c}" for c in self.columns]

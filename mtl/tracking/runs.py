@@ -9,9 +9,11 @@ when it was cancelled before it started), with the reason as a tag, so no run st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from mtl.config import TrackingConfig
@@ -71,10 +73,12 @@ def check_attach(t: TrackingConfig) -> None:
         check_store(resolve_uri(t), create=False)
 
 
-def attach(t: TrackingConfig, paths: Sequence[Path], artifact_path: str) -> str:
-    """Log files and folders to the existing run ``t.run_id`` under ``artifact_path``, leaving its status as it is
-    (a FINISHED run stays FINISHED). Never makes a store or a run: where there is no reachable run, nothing is
-    logged. Returns what happened, for the user."""
+def attach(
+    t: TrackingConfig, paths: Sequence[Path], artifact_path: str, metrics: dict[str, float] | None = None
+) -> str:
+    """Log files and folders to the existing run ``t.run_id`` under ``artifact_path`` (and ``metrics``), leaving its
+    status as it is (a FINISHED run stays FINISHED). Never makes a store or a run: where there is no reachable run,
+    nothing is logged. Returns what happened, for the user."""
     if not t.enabled or not t.run_id:
         why = "tracking.enabled=false" if not t.enabled else "no MLflow run is recorded with these weights"
         return f"{why}: nothing logged to MLflow"
@@ -94,4 +98,7 @@ def attach(t: TrackingConfig, paths: Sequence[Path], artifact_path: str) -> str:
             c.log_artifacts(t.run_id, str(path), f"{artifact_path}/{path.name}")
         else:
             c.log_artifact(t.run_id, str(path), artifact_path)
+    if metrics:
+        stamp = int(time.time() * 1000)
+        c.log_batch(t.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
     return f"logged to MLflow run {t.run_id} ({uri}) under {artifact_path}/"
