@@ -5,6 +5,7 @@ submitted)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +29,14 @@ SPLITS = ["train", "val"]
 def _tasks_of(shards: Path, videos: list[str]) -> set[str]:
     have = labelled_tasks([s for sp in SPLITS for s in scan_split(shards, sp)])
     return set().union(*(have[v] for v in videos)) if videos else set()
+
+
+def _rows(path: Path) -> dict[tuple[str, str], list[float]]:
+    """A predictions.csv as {(video, frame): its soft outputs (probabilities and values; not the 0/1 decisions)}."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    soft = [c for c in rows[0] if c.startswith("p_") or c in ("valence", "arousal")]
+    return {(r["video"], r["frame"]): [float(r[c]) for c in soft] for r in rows}
 
 
 def test_folds_are_by_recording_deterministic_and_label_every_task(tiny_shards: Path) -> None:
@@ -118,6 +127,20 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
         # the held-out score is the run's own final validation: the same weights on the same videos
         assert sorted(oof) == pytest.approx(sorted(r.data.metrics[f"val/{key}"] for r in children), abs=1e-4)
     assert "cv/fold_scores.png" in {a.path for a in c.list_artifacts(folds.parent_run_id, "cv")}
+
+    # the cv folder as one ensemble on val: each fold predicts only its held-out videos, joined (out-of-fold), the
+    # same per-frame values as the folds' own evaluations; then post-processing fitted on those predictions
+    ok(mtl("eval", "--checkpoint", str(out), *overrides))
+    assert json.loads((out / "eval_val" / "ensemble.json").read_text())["members"][0]["combined"] == "out-of-fold"
+    joined = _rows(out / "eval_val" / "predictions.csv")
+    per_fold = {}
+    for k in range(2):
+        per_fold |= _rows(out / f"fold_{k}" / "eval_val" / "predictions.csv")
+    assert joined.keys() == per_fold.keys() and len(joined) > 0
+    np.testing.assert_allclose(np.array(list(joined.values())), np.array([per_fold[k] for k in joined]), atol=1e-4)
+    ok(mtl("postprocess", "fit", "--widths", "3", "--checkpoint", str(out), *overrides))
+    fitted = json.loads((out / "postprocess.json").read_text())
+    assert fitted["fitted_on"]["split"] == "val" and set(fitted["tasks"]) == {"va", "expr", "au"}
 
     # as if the cv had been killed in fold 1 after its checkpoint: the rerun skips the finished fold 0 (not trained,
     # its checkpoints untouched) and resumes fold 1 from its checkpoint (not from scratch: no checkpoint rewritten)
