@@ -170,6 +170,8 @@ def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
     assert any("mlflow ui --backend-store-uri sqlite:///" in line for line in lines)
     client, runs = _runs(tmp_path / "demo" / "mlflow.db", "mtl-demo")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    exp, run_id = runs[0].info.experiment_id, runs[0].info.run_id  # the address printed leads to this run
+    assert f"  this run: http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}" in lines
     assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
 
 

@@ -190,3 +190,17 @@ def test_experiments_mtl_creates_open_on_their_runs_table(tmp_path: Path) -> Non
     client = MlflowClient(uri)
     exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_addresses_lead_to_the_store_that_serves_them() -> None:
+    """A local store needs `mlflow ui` on localhost; a tracking server is its own UI (no command to run)."""
+    from mtl.tracking.ui import compare_address, run_address, ui_lines
+
+    local = ui_lines("sqlite:////w/m.db", [("run", run_address("sqlite:////w/m.db", "3", "abc"))])
+    assert local == ["MLflow: mlflow ui --backend-store-uri sqlite:////w/m.db --host 127.0.0.1 --port 5000",
+                     "  run: http://127.0.0.1:5000/#/experiments/3/runs/abc"]  # fmt: skip
+    served = "http://tracking.example:8080/"
+    assert ui_lines(served, [])[0] == f"MLflow: {served}"
+    assert compare_address(served, "3", ["a", "b"]) == (
+        "http://tracking.example:8080/#/compare-runs?runs=%5B%22a%22%2C%22b%22%5D&experiments=%5B%223%22%5D"
+    )

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mtl.config import load_config
 from mtl.tracking.mlflow_run import resolve_uri
+from mtl.tracking.runs import client
+from mtl.tracking.ui import experiment_address, run_address, ui_lines
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -43,11 +45,10 @@ def run_demo(workdir: Path, overrides: list[str], videos: int | None = None, fra
     print("[4/4] evaluating the best checkpoint on the validation split", flush=True)
     scores = run_eval(run_dir, cfg.data.val_split, None, [])
     store = resolve_uri(cfg.tracking)
-    print(
-        f"MLflow run {result.run_id} in {store}\n"
-        f"  open the UI:  mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000"
-        f"  then browse http://127.0.0.1:5000 (experiment '{cfg.tracking.experiment}')",
-        flush=True,
-    )
+    exp = client(store).get_run(result.run_id).info.experiment_id
+    pages = [("this run", run_address(store, exp, result.run_id)), ("all runs", experiment_address(store, exp))]
+    print(f"MLflow run {result.run_id} in {store}", flush=True)
+    for line in ui_lines(store, pages):
+        print(line, flush=True)
     print(summary_line(scores), flush=True)
     return scores

@@ -44,6 +44,7 @@ from mtl.launch.jobs import Printer, echo
 from mtl.launch.submit import Plan, describe, follow, queue_plan
 from mtl.runs.layout import RunDir, eval_dir
 from mtl.tracking.runs import client, end_runs, open_run
+from mtl.tracking.ui import compare_address, run_address, ui_lines
 
 # Keys that may differ between the folds, or between two launches of the same cv (where and how it runs).
 _FREE = ("train.output_dir", "train.resume", "train.progress", "tracking.", "slurm.", "data.folds.")
@@ -229,18 +230,13 @@ def _end_runs(cfg: Config, folds: FoldsFile, fold_list: list[Fold], status: str,
         end_runs(cfg.tracking.uri, [f.cfg.tracking.run_id for f in fold_list], status, reason)
 
 
-def ui_lines(cfg: Config, parent: str, children: list[str]) -> list[str]:
+def where_to_look(cfg: Config, parent: str, children: list[str]) -> list[str]:
     """Where to look: the MLflow UI command and the parent run's page (its children listed under it), and the
     folds side by side."""
-    c = client(cfg.tracking.uri)
-    exp = c.get_run(parent).info.experiment_id
-    ids = ",".join(f"%22{r}%22" for r in children)
-    base = "http://127.0.0.1:5000"
-    return [
-        f"MLflow: mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000",
-        f"  parent run: {base}/#/experiments/{exp}/runs/{parent}",
-        f"  folds compared: {base}/#/compare-runs?runs=[{ids}]&experiments=[%22{exp}%22]",
-    ]
+    uri = cfg.tracking.uri
+    exp = client(uri).get_run(parent).info.experiment_id
+    pages = [("parent run", run_address(uri, exp, parent)), ("folds compared", compare_address(uri, exp, children))]
+    return ui_lines(uri, pages)
 
 
 def _slurm_wanted(flags: dict[str, object]) -> bool:
@@ -289,7 +285,7 @@ def run_cv(
     if folds.parent_run_id:
         log_parent(base, folds, fold_list, per_fold, mean, std, out_path / FOLDS_FILE)
         children = [f.cfg.tracking.run_id for f in fold_list if f.cfg.tracking.run_id]
-        for line in ui_lines(base, folds.parent_run_id, children):
+        for line in where_to_look(base, folds.parent_run_id, children):
             out(line)
     summary: dict[str, Any] = {
         "cv": str(out_path), "folds": folds.k, "seed": folds.seed, "parent_run_id": folds.parent_run_id,
