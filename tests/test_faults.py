@@ -116,28 +116,30 @@ def _runs(db: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_damaged_newest_checkpoint_falls_back(damage: str, tiny_shards: Path, tmp_path: Path) -> None:
+def test_damaged_newest_checkpoints_fall_back(tiny_shards: Path, tmp_path: Path) -> None:
+    """The newest checkpoint has a truncated file, the one before a missing file: the resume warns about each, marks
+    both, and goes on from the newest intact one (one run, both kinds of damage)."""
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
     ckpts = out / "checkpoints"
     keep = ("train.ckpt_every=2", "train.keep_last=3")
-    ok(mtl("train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=4", *keep)))
-    assert layout.complete_tags(ckpts) == ["step_00000002", "step_00000004"]
-    victim = sorted((ckpts / "step_00000004").glob("*optim_states.pt"))[0]
-    if damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[:100])
-    else:
-        victim.unlink()
+    ok(mtl("train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=6", *keep)))
+    assert layout.complete_tags(ckpts) == ["step_00000002", "step_00000004", "step_00000006"]
+    truncated = sorted((ckpts / "step_00000006").glob("*optim_states.pt"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    missing = sorted((ckpts / "step_00000004").glob("*optim_states.pt"))[0]
+    missing.unlink()
 
-    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=6", *keep)
+    args = smoke_overrides(tiny_shards, out, db, "train.max_steps=8", *keep)
     resumed = ok(mtl("train", "--config", str(SMOKE), *args))
-    warning = [line for line in resumed.stderr.splitlines() if "damaged" in line]
-    assert warning and str(ckpts / "step_00000004") in warning[0] and victim.name in warning[0], resumed.stderr[-3000:]
-    assert "completed at step 6" in resumed.stdout
+    warnings = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    assert len(warnings) == 2, resumed.stderr[-3000:]
+    for line, tag, victim in zip(warnings, ("step_00000006", "step_00000004"), (truncated, missing)):
+        assert str(ckpts / tag) in line and victim.name in line, line
+    assert "completed at step 8" in resumed.stdout
     _, runs = _runs(db)
     assert len(runs) == 1 and runs[0].data.tags["resumed_from"] == "step_00000002"
-    # the damaged tag was never complete again: step 4 was trained anew and saved intact
-    assert layout.complete_tags(ckpts)[-1] == "step_00000006"
+    # the damaged tags were never complete again: steps 4 and 6 were trained anew and saved intact
+    assert layout.complete_tags(ckpts)[-1] == "step_00000008"
     for tag in layout.complete_tags(ckpts):
         assert layout.damage(ckpts / tag) is None
 
@@ -241,30 +243,30 @@ def test_torch_and_safetensors_writes_to_a_full_disk_name_the_path(small_disk: P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["checkpoint", "export"])
 def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(
-    where: str, tiny_shards: Path, small_disk: Path, tmp_path: Path
+    tiny_shards: Path, small_disk: Path, tmp_path: Path
 ) -> None:
-    """Space for the run's configs but not its checkpoint (~1 MB here), or for the checkpoint but not the exports
-    (~220 KB each): one line naming the folder, the half-written files removed, and once space is freed the same
-    command finishes the same MLflow run."""
+    """Space for the run's configs but not its checkpoint (~1 MB here), then for the checkpoint but not the exports
+    (~220 KB each): each time one line naming the folder or file, the half-written files removed; once space is
+    freed the same command finishes the same MLflow run."""
     out, db = small_disk / "run", tmp_path / "mlflow.db"
-    filler = _fill(small_disk, {"checkpoint": 400, "export": 1100}[where] * 1024)
     args = ["train", "--config", str(SMOKE), *smoke_overrides(tiny_shards, out, db, "train.max_steps=3")]
-    proc = mtl(*args)
-    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
-    assert "Traceback" not in proc.stderr and "unexpected pos" not in proc.stderr, proc.stderr[-4000:]
-    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     tag_dir = out / "checkpoints" / layout.tag_for(3)
-    named = tag_dir if where == "checkpoint" else out / "export" / "last.safetensors"
-    assert lines == [f"mtl train: error: {named}: No space left on device"], proc.stderr[-4000:]
-    if where == "checkpoint":
-        assert not tag_dir.exists()  # half-written: removed, its space back
-    else:
-        assert layout.complete_tags(out / "checkpoints") == [tag_dir.name]
-        assert not list((out / "export").glob("*.tmp"))
+    for where, leave_kb in (("checkpoint", 400), ("export", 1100)):
+        filler = _fill(small_disk, leave_kb * 1024)
+        proc = mtl(*args)
+        assert proc.returncode == 1, f"{where}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
+        assert "Traceback" not in proc.stderr and "unexpected pos" not in proc.stderr, proc.stderr[-4000:]
+        lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+        named = tag_dir if where == "checkpoint" else out / "export" / "last.safetensors"
+        assert lines == [f"mtl train: error: {named}: No space left on device"], proc.stderr[-4000:]
+        if where == "checkpoint":
+            assert not tag_dir.exists()  # half-written: removed, its space back
+        else:
+            assert layout.complete_tags(out / "checkpoints") == [tag_dir.name]
+            assert not list((out / "export").glob("*.tmp"))
+        filler.unlink()
 
-    filler.unlink()
     assert "completed at step 3" in ok(mtl(*args)).stdout
     assert all((out / "export" / f"{name}.safetensors").is_file() for name in ("last", "best"))
     _, runs = _runs(db)
