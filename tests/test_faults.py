@@ -66,8 +66,16 @@ engine.save_checkpoint(sys.argv[1], tag="step_00000001", save_latest=False)
 """
 
 
+@pytest.fixture(scope="module")
+def zero2_checkpoint(tmp_path_factory) -> Path:
+    """A real 1-rank ZeRO-2 checkpoint (``<root>/step_00000001``), written once; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("zero2") / "checkpoints"
+    ok(run([sys.executable, "-c", _ZERO2_CHECKPOINT, str(root), str(free_port())]))
+    return root
+
+
 @pytest.mark.parametrize("stage", [0, 2])
-def test_crafted_checkpoint_is_refused_not_run(stage: int, tmp_path: Path) -> None:
+def test_crafted_checkpoint_is_refused_not_run(stage: int, zero2_checkpoint: Path, tmp_path: Path) -> None:
     """A checkpoint tag holding a pickle that runs code: `mtl eval` refuses it and the code never runs."""
     tag_dir = tmp_path / "checkpoints" / layout.tag_for(1)
     marker = tmp_path / "pwned"
@@ -76,7 +84,7 @@ def test_crafted_checkpoint_is_refused_not_run(stage: int, tmp_path: Path) -> No
         victim = tag_dir / "mp_rank_00_model_states.pt"
         torch.save({"module": {"w": torch.zeros(2)}, "x": _Payload(marker)}, victim)
     else:  # a real ZeRO-2 checkpoint, its optimizer file rewritten with the payload
-        ok(run([sys.executable, "-c", _ZERO2_CHECKPOINT, str(tag_dir.parent), str(free_port())]))
+        shutil.copytree(zero2_checkpoint, tag_dir.parent)
         victim = next(tag_dir.glob("*optim_states.pt"))
         content = torch.load(victim, weights_only=False)  # written by this test just now
         torch.save({**content, "x": _Payload(marker)}, victim)
@@ -86,11 +94,11 @@ def test_crafted_checkpoint_is_refused_not_run(stage: int, tmp_path: Path) -> No
     assert not marker.exists(), "a checkpoint file ran code while being loaded"
 
 
-def test_universal_conversion_reads_weights_only(tmp_path: Path) -> None:
+def test_universal_conversion_reads_weights_only(zero2_checkpoint: Path, tmp_path: Path) -> None:
     """Converting for another world size unpickles every file of the tag: DeepSpeed's own types pass, a crafted
     pickle is refused naming the tag, runs nothing, and leaves no universal directory behind."""
     root = tmp_path / "checkpoints"
-    ok(run([sys.executable, "-c", _ZERO2_CHECKPOINT, str(root), str(free_port())]))
+    shutil.copytree(zero2_checkpoint, root)
     tag_dir = root / layout.tag_for(1)
     crafted = tmp_path / "crafted" / tag_dir.name
     shutil.copytree(tag_dir, crafted)
