@@ -87,6 +87,15 @@ def test_a_fold_run_reads_only_its_videos(tiny_shards: Path, tmp_path: Path) -> 
     assert fold_stats == task_stats([s for sp in SPLITS for s in scan_split(tiny_shards, sp) if s.video in folds[0]])
     with pytest.raises(MtlError, match=r"data.folds.file is set but data.folds.fold is not"):
         load_config(SMOKE, [f"data.folds.file={path}"])
+    # the fold run pointed at another pack: refused, naming how to read that pack as packed instead
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    (other / "manifest.json").write_text((other / "manifest.json").read_text() + "\n")
+    moved = load_config(SMOKE, [f"data.shards={other}", f"data.folds.file={path}", "data.folds.fold=1"])
+    with pytest.raises(MtlError, match=r"made for another pack .* data.folds.file=null data.folds.fold=null"):
+        split_table(moved.data, "val")
+    plain = load_config(SMOKE, [f"data.shards={other}", "data.folds.file=null", "data.folds.fold=null"])
+    assert sum(split_table(plain.data, "val").counts) == sum(1 for _ in scan_split(other, "val"))
 
 
 def test_too_many_folds_is_one_line_exit_2(tiny_shards: Path, tmp_path: Path) -> None:

@@ -184,7 +184,8 @@ def fold_samples(data_cfg, role: Literal["train", "val"]) -> list[SampleInfo]:
     folds = read_folds(f.file)
     if manifest_digest(data_cfg.shards) != folds.manifest_sha256:
         raise DataError(f"{f.file}: made for another pack than data.shards={data_cfg.shards} (its manifest.json "
-                        f"changed); run `mtl cv` again with another out dir")  # fmt: skip
+                        f"changed); run `mtl cv` again with another out dir, or read that pack's split as packed: "
+                        f"data.folds.file=null data.folds.fold=null")  # fmt: skip
     held = set(folds.holdout(f.fold))
     samples = labelled_samples(data_cfg.shards, folds.splits)
     missing = held - {s.video for s in samples}
