@@ -1,7 +1,7 @@
 """`mtl cv`: folds by video (`_left`/`_right` together, every task on both sides, deterministic), a fold run's loaders
 reading only its videos, a real K=2 cross-validation here with its MLflow parent and children, a rerun that skips
-a finished fold and resumes a killed one from its checkpoint, and the SLURM array it would queue (built, not
-submitted)."""
+a finished fold and resumes a killed one from its checkpoint, the cv folder as an out-of-fold ensemble. The folds as
+a SLURM job array run on the real cluster in tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -167,35 +166,6 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
     other = mtl("cv", "--config", str(SMOKE), "--folds", "2", "--seed", "1", "--out", str(out), *overrides)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "--seed 1 (it has 0)" in other.stderr
-
-
-def test_slurm_options_queue_the_folds_as_one_array(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
-    """Built and handed to `mtl submit`'s queueing, not submitted (a real array of trainings takes minutes)."""
-    from mtl.launch import cv, slurm_request, submit
-    from mtl.launch.task import CvFoldTask
-
-    calls = []
-
-    def fake_queue(cfg, partition, name, fn, call_args, *, array):
-        calls.append((partition, fn, call_args, array))
-        paths = SimpleNamespace(stdout=tmp_path / "log.out")
-        return [SimpleNamespace(job_id=f"77_{i}", task=lambda _: SimpleNamespace(paths=paths))
-                for i in range(len(call_args))]  # fmt: skip
-
-    monkeypatch.setattr(slurm_request, "check_request", lambda cfg: "cpu")
-    monkeypatch.setattr(submit, "queue", fake_queue)
-    monkeypatch.setattr(cv, "follow", lambda *a, **k: None)
-    printed: list[str] = []
-    overrides = smoke_overrides(tiny_shards, tmp_path / "cv", tmp_path / "mlflow.db")
-    rc = cv.run_cv(SMOKE, overrides, {"partition": "cpu", "time": 30}, 2, out=printed.append)
-    assert rc == 0 and json.loads(printed[-1])["status"] == "queued"
-    ((partition, fn, call_args, array),) = calls
-    assert partition == "cpu" and array and len(call_args) == 2
-    assert isinstance(fn, CvFoldTask)  # trains, then writes the fold's out-of-fold predictions in the job
-    for k, (cfg,) in enumerate(call_args):
-        assert cfg["data"]["folds"] == {"file": str(tmp_path / "cv" / FOLDS_FILE), "fold": k}
-        assert cfg["train"]["output_dir"] == str(tmp_path / "cv" / f"fold_{k}")
-        assert cfg["slurm"]["time_min"] == 30 and cfg["tracking"]["run_id"]
 
 
 def test_a_failed_fold_leaves_no_run_running(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:

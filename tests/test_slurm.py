@@ -8,6 +8,7 @@ store; the cluster is started by tools/slurm-local.sh (see slurm_fixtures.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -346,6 +347,39 @@ def test_sweep_is_one_array_with_child_runs_under_one_parent(
     dirs = {by_name[n].data.params["train.output_dir"] for n in by_name}
     assert dirs == {str(out / "000-model.mask.prob=0.1"), str(out / "001-model.mask.prob=0.4")}
     assert all((Path(d) / "export" / "last.safetensors").is_file() for d in dirs)
+
+
+def test_cv_folds_run_as_one_array_and_a_rerun_skips_them(
+    slurm_cluster: str, tiny_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`mtl cv --folds 2` with SLURM options: one job array, each task a fold run that also writes its out-of-fold
+    predictions; --wait, then the summary under the parent run. A rerun submits nothing and gives the same summary."""
+    out, db = tmp_path / "cv", tmp_path / "mlflow.db"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["cv", "--config", str(SMOKE), "--folds", "2", "--out", str(out),
+            *smoke_overrides(tiny_shards, tmp_path / "unused", db, "train.max_steps=2"),
+            "--partition", slurm_cluster, "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1",
+            "--time", "5", "--folder", str(tmp_path / "slurm" / "%j")]  # fmt: skip
+    assert main([*argv, "--wait"]) == 0, capsys.readouterr().err[-3000:]
+    printed = capsys.readouterr().out
+    array = re.search(r"submitted job array (\d+) with 2 fold\(s\)", printed).group(1)
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and [f["fold"] for f in summary["per_fold"]] == [0, 1]
+    client = _client(db)
+    parent = client.get_run(summary["parent_run_id"])
+    children = [client.get_run(f["run_id"]) for f in summary["per_fold"]]
+    for k, child in enumerate(children):
+        assert child.info.status == "FINISHED" and child.data.tags["slurm_job_id"] == array
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert _steps(db, child.info.run_id) == [1, 2]
+        assert (out / f"fold_{k}" / "eval_val" / "predictions.csv").is_file()  # written in the array task
+    assert parent.data.metrics["cv/mtl_score_mean"] == pytest.approx(summary["mean"]["mtl_score"])
+
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "submitted job array" not in again and again.count("finished already") == 2
+    assert json.loads(again.strip().splitlines()[-1])["mean"] == pytest.approx(summary["mean"])
 
 
 @pytest.mark.parametrize(
