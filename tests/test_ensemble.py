@@ -320,3 +320,46 @@ def test_overrides_after_several_checkpoints_stay_overrides_as_typed(tmp_path: P
     uri = "tracking.uri=sqlite:////abs/mlflow.db"  # a Path would fold the four slashes
     paths, overrides = split_overrides([str(tmp_path), "runs/b", uri], ["data.shards=x"])
     assert paths == [tmp_path, Path("runs/b")] and overrides == [uri, "data.shards=x"]
+
+
+def _untrained(shards: Path, dst: Path, *overrides: str) -> Path:
+    """An exported run of another architecture, made here (random weights, seed 0): its config rebuilds it."""
+    from helpers import SMOKE
+
+    from mtl.config import load_config, to_dict
+    from mtl.runs.inputs import DataSource
+
+    cfg = load_config(SMOKE, [f"data.shards={shards}", "tracking.enabled=false", *overrides])
+    torch.manual_seed(0)
+    save_weights(DataSource(cfg).build_model().state_dict(), dst, to_dict(cfg))
+    return dst
+
+
+@pytest.mark.slow
+def test_an_ensemble_mixes_backbones_inputs_and_window_lengths(
+    trained_run: Path, tiny_shards: Path, tmp_path: Path, capsys
+) -> None:
+    """A pixel run (the trained one, clip 4), a run of another backbone (clip 6) and a run on cached features
+    (clip 8): each evaluated as it was trained, their frames aligned, each frame's outputs the mean of the three."""
+    from feature_fixtures import make_features
+
+    cache = make_features(tiny_shards, tmp_path / "feats")
+    wide = _untrained(tiny_shards, tmp_path / "wide" / "best.safetensors", "data.clip_len=6",
+                      "model.backbone_kwargs.embed_dim=48")  # fmt: skip
+    feat = _untrained(tiny_shards, tmp_path / "feat" / "best.safetensors", f"data.features=[{cache}]",
+                      "data.clip_len=8")  # fmt: skip
+    members = [trained_run, wide, feat]
+    alone = []
+    for i, m in enumerate(members):
+        _eval(capsys, "--checkpoint", str(m), "--postprocess", "none", "--out", str(tmp_path / f"alone{i}"))
+        alone.append(_predictions(tmp_path / f"alone{i}" / "predictions.csv"))
+    _eval(capsys, "--checkpoint", *map(str, members), "--postprocess", "none", "--out", str(tmp_path / "mix"))
+    keys, mixed = _predictions(tmp_path / "mix" / "predictions.csv")
+    assert len(keys) == len(set(keys)) > 0
+    for k, _ in alone:
+        assert sorted(k) == sorted(keys)  # every member predicted every frame of the split
+    orders = [[dict(zip(k, range(len(k))))[key] for key in keys] for k, _ in alone]
+    for c in ("valence", "arousal", "p_Neutral", "p_AU12"):
+        want = np.mean([p[c][o] for (_, p), o in zip(alone, orders)], axis=0)
+        np.testing.assert_allclose(mixed[c], want, atol=3e-5, err_msg=c)
+    assert not np.allclose(alone[0][1]["valence"], alone[2][1]["valence"][orders[2]], atol=1e-3)  # other models
