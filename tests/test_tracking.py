@@ -190,6 +190,13 @@ def test_experiments_mtl_creates_open_on_their_runs_table(tmp_path: Path) -> Non
     client = MlflowClient(uri)
     exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # one made without the tag (an older mtl, or by hand) gets it at its next run; one tagged otherwise keeps its kind
+    client.create_experiment("old")
+    client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    for name in ("old", "mine"):
+        create_run(TrackingConfig(uri=uri, experiment=name), run_name="r")
+    assert client.get_experiment_by_name("old").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "finetuning"
 
 
 def test_ui_addresses_lead_to_the_store_that_serves_them() -> None:

@@ -51,8 +51,12 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment ``name``, made if needed, tagged as model training (MLflow 3's UI then opens its runs table,
+    not a GenAI overview); one made before without the tag (by an older mtl, or by hand) gets it."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
         return client.create_experiment(
