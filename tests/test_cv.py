@@ -149,6 +149,11 @@ def test_cv_two_folds_here_parent_children_and_rerun_skips(tiny_shards: Path, tm
     ok(mtl("postprocess", "fit", "--widths", "3", "--checkpoint", str(out), *overrides))
     fitted = json.loads((out / "postprocess.json").read_text())
     assert fitted["fitted_on"]["split"] == "val" and set(fitted["tasks"]) == {"va", "expr", "au"}
+    logged = c.get_run(folds.parent_run_id)  # the cv's parent run holds the file and its gains
+    assert logged.data.metrics["postprocess/au_gain"] == pytest.approx(fitted["tasks"]["au"]["gain"])
+    assert [a.path for a in c.list_artifacts(folds.parent_run_id, "postprocess/val/folds")] == [
+        "postprocess/val/folds/postprocess.json"
+    ]
 
     # as if the cv had been killed in fold 1 after its checkpoint: the rerun skips the finished fold 0 (not trained,
     # its checkpoints untouched) and resumes fold 1 from its checkpoint (not from scratch: no checkpoint rewritten)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl.data.folds import FOLDS_FILE, read_folds
 from mtl.errors import MtlError
 from mtl.evaluation.evaluate import FramePredictions
 
-FOLDS_FILE = "folds.json"
 FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
@@ -42,6 +42,11 @@ class Member:
     path: Path
     runs: tuple[Path, ...]
     weight: float
+
+
+def cv_parent_run(path: Path) -> str | None:
+    """The MLflow parent run of the cross-validation directory ``path`` (None: not one, or made untracked)."""
+    return read_folds(Path(path) / FOLDS_FILE).parent_run_id if fold_runs(path) is not None else None
 
 
 def expand_runs(paths: Sequence[Path], weights: Sequence[float] | None = None) -> list[Member]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtl.config import replace
 from mtl.errors import MtlError
+from mtl.evaluation.ensemble import cv_parent_run
 from mtl.evaluation.members import predict_split
 from mtl.evaluation.offline import label
 from mtl.evaluation.postprocess import KINDS, WIDTHS, FittedOn, PostProcess, fit, postprocess_beside
@@ -43,9 +45,11 @@ def run_fit(
         thr = ", per-unit thresholds" if f.thresholds is not None else ""
         print(f"{name}: {how}{thr}: {f.metric} {f.before:.4f} -> {f.after:.4f} (gain {f.gain:+.4f})")
     print(f"post-processing fitted on {split!r} ({fitted_on.frames} frames) written to {target}")
-    if got.ensemble:
+    parent = cv_parent_run(paths[0]) if len(paths) == 1 else None
+    if got.ensemble and parent is None:
         print("an ensemble is no single run's: nothing logged to MLflow")
-    else:
-        where = f"postprocess/{split}/{label(got.runs[0])}"
-        print(attach(got.cfg.tracking, [target], where, metrics=pp.metrics()), flush=True)
+    else:  # one run: to it; a cv directory: to the cv's parent run
+        tracking = replace(got.cfg.tracking, run_id=parent) if parent else got.cfg.tracking
+        where = f"postprocess/{split}/{'folds' if parent else label(got.runs[0])}"
+        print(attach(tracking, [target], where, metrics=pp.metrics()), flush=True)
     return pp, target
