@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,10 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     tail = f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, f"exit {proc.returncode}\n{tail}"
     return proc
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a command a test sends Ctrl-C: SIGINT at its default, as under a terminal. A shell's
+    background job (``cmd &``, as a CI runner may start pytest) ignores SIGINT, and that is inherited; Python then
+    leaves it ignored, and only workers that reset it would end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import VA_DIR, VA_HEADER, make_release, va_rows, write_text
-from helpers import REPO, mtl
+from helpers import REPO, ctrl_c_as_in_a_terminal, mtl
 from PIL import Image
 
 import mtl.data.pack as pack_mod
@@ -187,7 +187,8 @@ def _start_pack(images: Path, ann: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mtl.cli", "pack", "--images", str(images), "--annotations", str(ann),
            "--out", str(out), "--segment-len", "4", "--shard-size", "1", "--workers", "2"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
 
 
 def test_pack_workers_end_with_ctrl_c_and_with_kill_9(tmp_path):
@@ -250,7 +251,8 @@ def test_loader_workers_survive_ctrl_c_so_training_can_save(tiny_shards):
             print("batches", n, len(loader), flush=True)
     """
     proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_shards)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
     lines = []
     try:
         for _ in range(2):

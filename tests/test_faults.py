@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DRIVER, SMOKE, free_port, mtl, ok, run, smoke_overrides
+from helpers import DRIVER, SMOKE, ctrl_c_as_in_a_terminal, free_port, mtl, ok, run, smoke_overrides
 from mlflow.tracking import MlflowClient
 
 from mtl.config import from_dict, to_dict
@@ -156,7 +156,8 @@ def _popen_train(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "mtl.cli", "train", "--config", str(SMOKE), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
 
 
 def _logged_steps(db: Path) -> list[int]:
