@@ -35,14 +35,11 @@ HEADLINES = ("va_ccc", "expr_f1", "au_f1", "mtl_score")
 
 
 def _pack(work: Path, name: str, seed: int, clip_len: int) -> Path:
-    from mtl.data.pack import PackOptions, pack
-    from mtl.data.synth import make_synth
+    from mtl.engine.demo import pack_demo_data
 
     shards = work / name
     if not (shards / "manifest.json").is_file():
-        root = make_synth(work / f"synth_{name}", seed=seed)
-        pack(PackOptions(root / "cropped_aligned", root / "annotations", shards, segment_len=2 * clip_len,
-                         workers=min(2, os.cpu_count() or 1)))  # fmt: skip
+        pack_demo_data(work / f"synth_{name}", shards, clip_len, seed=seed)
     return shards
 
 
@@ -111,13 +108,22 @@ def main() -> None:
     mean = {k: round(sum(s[k] for s in single) / len(single), 4) for k in HEADLINES}
     result = {
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
-        "folds": args.folds, "seed": args.seed, "overrides": args.overrides, "work": str(work),
+        "folds": args.folds,
+        "seed": args.seed,
+        "overrides": args.overrides,
+        "work": str(work),
         "cv_held_out": {"per_fold": held_out, "mean": summary["mean"], "std": summary["std"]},
         "cv_out_of_fold_joined": _scores(work / "oof"),
-        "postprocess": {t: {"smoothing": f["smoothing"], "gain_out_of_fold": round(f["gain"], 4)}
-                        for t, f in fitted["tasks"].items()},  # fmt: skip
-        "fresh": {"single_runs": single, "single_mean": mean, "ensemble": ensemble, "ensemble_postprocessed":
-                  ensemble_pp},  # fmt: skip
+        "postprocess": {
+            t: {"smoothing": f["smoothing"], "gain_out_of_fold": round(f["gain"], 4)}
+            for t, f in fitted["tasks"].items()
+        },  # fmt: skip
+        "fresh": {
+            "single_runs": single,
+            "single_mean": mean,
+            "ensemble": ensemble,
+            "ensemble_postprocessed": ensemble_pp,
+        },  # fmt: skip
         "ensemble_postprocessed_at_least_mean_single": {k: ensemble_pp[k] >= mean[k] for k in HEADLINES},
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -34,6 +34,7 @@ from mtl.errors import DataError, MtlError, naming
 FORMAT = "mtl-folds/1"
 FOLDS_FILE = "folds.json"
 _PART = re.compile(r"_(left|right)$")
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
 _TRIES = 200
 
 
@@ -149,6 +150,23 @@ def read_folds(path: str | Path) -> FoldsFile:
     if len(folds.folds) != folds.k or [f.fold for f in folds.folds] != list(range(folds.k)):
         raise DataError(f"{path}: folds: expected folds 0..{folds.k - 1} in order")
     return folds
+
+
+def fold_dir(out: Path, k: int) -> Path:
+    """Fold k's run directory in a cv directory (beside its ``folds.json``)."""
+    return Path(out) / f"fold_{k}"
+
+
+def fold_dirs(out: Path) -> list[Path] | None:
+    """The ``fold_<k>`` run directories of the cv directory ``out``, in fold order; None if it is not one (no
+    ``folds.json``)."""
+    out = Path(out)
+    if not (out / FOLDS_FILE).is_file():
+        return None
+    found = sorted((int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _FOLD_DIR.match(p.name)))
+    if not found:
+        raise MtlError(f"{out}: has {FOLDS_FILE} but no fold_<k>/ run directories")
+    return [p for _, p in found]
 
 
 def manifest_digest(shards: str | Path) -> str:

@@ -24,6 +24,7 @@ from mtl.data.jpeg import jpeg_problem  # the loader's own decoder
 from mtl.data.manifest import ShardRecord, file_sha256, read_manifest
 from mtl.data.pool import process_pool
 from mtl.data.shardio import Sample, parse_sample
+from mtl.data.video_index import label_stats
 from mtl.errors import DataError
 from mtl.tasks import get_task, tasks
 
@@ -50,13 +51,10 @@ def sample_stats(sample: Sample, into: dict) -> None:
     image, as `mtl pack` counts them)."""
     into["images"] = into.get("images", 0) + int(sample.has_image.sum())
     into.setdefault("video_frames", Counter())[sample.video] += len(sample)
-    for t in tasks():
-        st = into.setdefault("tasks", {}).setdefault(t.name, {"labeled_frames": 0, "labeled_missing_image": 0})
-        valid = sample.labels[t.valid_key]
-        st["labeled_frames"] += int((valid & sample.has_image).sum())
-        st["labeled_missing_image"] += int((valid & ~sample.has_image).sum())
-        for k, c in t.counts(sample.labels[t.name][valid & sample.has_image]).items():
-            st[k] = st.get(k, 0) + np.asarray(c, np.int64)
+    for name, stats in label_stats(sample.labels, sample.has_image).items():
+        st = into.setdefault("tasks", {}).setdefault(name, {})
+        for k, v in stats.items():
+            st[k] = st.get(k, 0) + v
 
 
 def check_shard(root: str, entry: ShardRecord) -> ShardReport:

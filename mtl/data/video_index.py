@@ -34,9 +34,9 @@ class SampleInfo:
     labels: dict[str, dict[str, object]] = field(hash=False, compare=False)
 
 
-def _sample_stats(meta: dict, n: int) -> dict[str, dict[str, object]]:
-    labels = parse_labels(meta, n)
-    has_image = np.asarray(meta["has_image"], bool)
+def label_stats(labels: dict[str, np.ndarray], has_image: np.ndarray) -> dict[str, dict[str, object]]:
+    """Per task, one sample's statistics as the manifest counts them (`mtl pack`, `mtl shards verify`): labelled
+    frames with and without an image, and the task's count fields over the first."""
     out: dict[str, dict[str, object]] = {}
     for t in tasks():
         valid = labels[t.valid_key]
@@ -47,6 +47,10 @@ def _sample_stats(meta: dict, n: int) -> dict[str, dict[str, object]]:
             **counts,
         }
     return out
+
+
+def _sample_stats(meta: dict, n: int) -> dict[str, dict[str, object]]:
+    return label_stats(parse_labels(meta, n), np.asarray(meta["has_image"], bool))
 
 
 @functools.lru_cache(maxsize=8)

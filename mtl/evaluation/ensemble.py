@@ -9,30 +9,15 @@ their mean, on its validation split (each fold's held-out videos) their union, t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mtl.data.folds import FOLDS_FILE, read_folds
+from mtl.data.folds import FOLDS_FILE, fold_dirs, read_folds
 from mtl.errors import MtlError
 from mtl.evaluation.evaluate import FramePredictions
-
-FOLD_RE = re.compile(r"^fold_(\d+)$")
-
-
-def fold_runs(path: Path) -> list[Path] | None:
-    """The ``fold_<k>`` run directories of a cross-validation directory, in fold order; None if ``path`` is not
-    one (no ``folds.json``)."""
-    path = Path(path)
-    if not (path / FOLDS_FILE).is_file():
-        return None
-    folds = sorted((int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := FOLD_RE.match(p.name)))
-    if not folds:
-        raise MtlError(f"{path}: has {FOLDS_FILE} but no fold_<k>/ run directories")
-    return [p for _, p in folds]
 
 
 @dataclass(frozen=True)
@@ -46,7 +31,7 @@ class Member:
 
 def cv_parent_run(path: Path) -> str | None:
     """The MLflow parent run of the cross-validation directory ``path`` (None: not one, or made untracked)."""
-    return read_folds(Path(path) / FOLDS_FILE).parent_run_id if fold_runs(path) is not None else None
+    return read_folds(Path(path) / FOLDS_FILE).parent_run_id if fold_dirs(path) is not None else None
 
 
 def expand_runs(paths: Sequence[Path], weights: Sequence[float] | None = None) -> list[Member]:
@@ -57,7 +42,7 @@ def expand_runs(paths: Sequence[Path], weights: Sequence[float] | None = None) -
     if not np.all(np.isfinite(given)) or (given < 0).any() or given.sum() <= 0:
         raise MtlError(f"--weights {' '.join(f'{w:g}' for w in given)}: expected non-negative numbers, not all 0")
     given = given / given.sum()
-    return [Member(Path(p), tuple(fold_runs(Path(p)) or [Path(p)]), float(w)) for p, w in zip(paths, given)]
+    return [Member(Path(p), tuple(fold_dirs(Path(p)) or [Path(p)]), float(w)) for p, w in zip(paths, given)]
 
 
 def combine_folds(folds: Sequence[FramePredictions], path: Path) -> tuple[FramePredictions, str]:

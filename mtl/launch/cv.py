@@ -33,6 +33,7 @@ from mtl.data.folds import (
     CvConfigRecord,
     FoldRecord,
     FoldsFile,
+    fold_dir,
     make_folds,
     manifest_digest,
     read_folds,
@@ -71,10 +72,6 @@ class Fold:
     @property
     def evaluated(self) -> bool:
         return (eval_dir(self.dir, self.cfg.data.val_split) / METRICS_FILE).is_file()
-
-
-def fold_dir(out: Path, k: int) -> Path:
-    return out / f"fold_{k}"
 
 
 def config_digest(cfg: Config) -> str:
